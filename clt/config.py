@@ -1,0 +1,596 @@
+"""Typed configuration of a training run: one nested pydantic tree, read from JSON.
+
+Every section forbids unknown keys so a typo fails loudly, and every error is reported as
+``dotted.field.path: reason (got value)`` through :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "KNOWN_LMS",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LMDataConfig",
+    "LMShape",
+    "LoggingConfig",
+    "LossConfig",
+    "ModelConfig",
+    "NonlinearityConfig",
+    "ParallelConfig",
+    "SyntheticDataConfig",
+    "TrainConfig",
+    "config_help",
+    "load_config",
+    "main_config",
+    "parse_override",
+    "save_config",
+    "validate_config",
+]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; ``str()`` is one line per problem, each naming its field path."""
+
+
+class LMShape(NamedTuple):
+    """Layer count and widths of a language model."""
+
+    n_layers: int
+    d_model: int
+    d_mlp: int
+
+
+KNOWN_LMS: dict[str, LMShape] = {
+    "smollm2-135m": LMShape(30, 576, 1536),
+    "gpt2": LMShape(12, 768, 3072),
+    "gpt2-medium": LMShape(24, 1024, 4096),
+    "pythia-70m": LMShape(6, 512, 2048),
+}
+
+UnitOpen = Annotated[float, Field(gt=0, lt=1)]
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+# Errors found by model validators are raised with this type; their ctx carries
+# (relative path, message) pairs so the translator can print full field paths.
+_CROSS_FIELD = "config_cross_field"
+
+
+def _fail_if(problems: list[tuple[str, str]]) -> None:
+    if problems:
+        text = "; ".join(f"{path}: {msg}" for path, msg in problems)
+        raise PydanticCustomError(_CROSS_FIELD, text, {"problems": problems})
+
+
+class _Section(BaseModel):
+    # strict: no silent coercions such as true -> 1 or "12" -> 12 in a config file.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelConfig(_Section):
+    n_features: PositiveInt = Field(..., description="Features per layer (F), > 0.")
+    reach: PositiveInt | None = Field(
+        None,
+        description="Decoder reach R: a feature writes to its own layer and the next R-1. "
+        "null = all later layers (a CLT); 1 = a per-layer transcoder.",
+    )
+    layers: list[NonNegativeInt] | None = Field(
+        None,
+        min_length=1,
+        description="LM layers the transcoder reads and writes, sorted and unique. "
+        "null = all layers of the LM.",
+    )
+    skip: bool = Field(
+        False, description="Add a linear skip connection W_skip from input to output."
+    )
+
+    @model_validator(mode="after")
+    def _layers_sorted_unique(self) -> ModelConfig:
+        layers = self.layers
+        if layers is not None and layers != sorted(set(layers)):
+            _fail_if([("layers", f"must be sorted and without duplicates (got {layers})")])
+        return self
+
+
+class NonlinearityConfig(_Section):
+    kind: Literal["topk", "batchtopk", "jumprelu", "relu"] = Field(
+        ..., description="Activation function that makes the codes sparse."
+    )
+    k: PositiveInt | None = Field(
+        None,
+        description="Active features per (token, layer); required for topk and batchtopk, "
+        "must be null for jumprelu and relu.",
+    )
+    batchtopk_scope: Literal["layer", "global"] = Field(
+        "layer",
+        description="BatchTopK selects N*k per layer ('layer') or N*k*L across all layers "
+        "('global').",
+    )
+    threshold_ema_decay: UnitOpen = Field(
+        0.99,
+        description="Decay in (0, 1) of the EMA of BatchTopK's smallest kept value, the "
+        "threshold used at inference.",
+    )
+    rank_by_decoder_norm: bool = Field(
+        False, description="Rank TopK candidates by pre-activation times decoder norm."
+    )
+    jumprelu_init_threshold: PositiveFloat = Field(
+        0.1, description="Initial JumpReLU threshold, > 0."
+    )
+    jumprelu_bandwidth: PositiveFloat = Field(
+        0.1, description="Width eps of the rectangle kernel of JumpReLU's STE, > 0."
+    )
+
+    @model_validator(mode="after")
+    def _k_matches_kind(self) -> NonlinearityConfig:
+        needs_k = self.kind in ("topk", "batchtopk")
+        if needs_k and self.k is None:
+            _fail_if([("k", f"is required when kind is '{self.kind}'")])
+        if not needs_k and self.k is not None:
+            _fail_if([("k", f"must be null when kind is '{self.kind}' (got {self.k})")])
+        return self
+
+
+class LossConfig(_Section):
+    sparsity_coef: NonNegativeFloat = Field(
+        0.0, description="lambda of the tanh sparsity penalty, >= 0."
+    )
+    sparsity_c: PositiveFloat = Field(1.0, description="c inside tanh(c * a * ||W_dec||), > 0.")
+    sparsity_warmup_steps: NonNegativeInt = Field(
+        0, description="Steps over which lambda ramps linearly from 0, <= train.steps."
+    )
+    l0_coef: NonNegativeFloat = Field(0.0, description="Weight of JumpReLU's L0 penalty, >= 0.")
+    preact_coef: NonNegativeFloat = Field(
+        0.0, description="Weight of the pre-activation loss (fights dead features), >= 0."
+    )
+    auxk_alpha: NonNegativeFloat = Field(
+        1 / 32, description="Weight of the AuxK loss (TopK family), >= 0."
+    )
+    auxk_k: PositiveInt | None = Field(
+        None, description="k_aux, dead features AuxK decodes per token; null = min(512, F)."
+    )
+    dead_tokens: PositiveInt = Field(
+        10_000_000, description="A feature is dead once it has not fired for this many tokens."
+    )
+
+
+class SyntheticDataConfig(_Section):
+    n_layers: PositiveInt = Field(..., description="Layers of the planted model, >= 1.")
+    d_in: PositiveInt = Field(..., description="Input width, >= 1.")
+    d_out: PositiveInt = Field(..., description="Output width, >= 1.")
+    n_true_features: PositiveInt = Field(256, description="Planted features per layer, >= 1.")
+    active_per_layer: PositiveInt = Field(
+        4, description="Planted features active per (token, layer), <= n_true_features."
+    )
+    noise: NonNegativeFloat = Field(0.0, description="Std of Gaussian noise added to targets.")
+    seed: int = Field(0, description="Seed of the planted dictionary.")
+
+    @model_validator(mode="after")
+    def _active_fits(self) -> SyntheticDataConfig:
+        if self.active_per_layer > self.n_true_features:
+            msg = f"must be <= n_true_features = {self.n_true_features}"
+            _fail_if([("active_per_layer", f"{msg} (got {self.active_per_layer})")])
+        return self
+
+
+class LMDataConfig(_Section):
+    name: str = Field(
+        "smollm2-135m",
+        description="Language model: 'smollm2-135m' (embedded, offline), a transformer-lens "
+        "official name such as 'gpt2', or 'tiny' (randomly initialised, for tests).",
+    )
+    tiny_n_layers: PositiveInt = Field(2, description="Layers of the 'tiny' model.")
+    tiny_d_model: PositiveInt = Field(64, description="Residual width of the 'tiny' model.")
+    tiny_d_mlp: PositiveInt = Field(256, description="MLP width of the 'tiny' model.")
+    input_hook: Literal["hook_mlp_in", "ln2.hook_normalized"] = Field(
+        "hook_mlp_in", description="Per-block hook the transcoder reads."
+    )
+    output_hook: Literal["hook_mlp_out", "hook_mlp_in"] = Field(
+        "hook_mlp_out",
+        description="Per-block hook the transcoder reconstructs; equal to input_hook = an SAE.",
+    )
+    dataset: str = Field(
+        "shakespeare",
+        description="Text: 'shakespeare' (embedded), a local path to text/parquet/jsonl files, "
+        "or a hub dataset name.",
+    )
+    seq_len: int = Field(128, ge=2, description="Tokens per LM context, >= 2.")
+    heldout_fraction: float = Field(
+        0.05, ge=0, lt=0.5, description="Fraction of the text held out for evaluation, [0, 0.5)."
+    )
+    buffer_tokens: PositiveInt = Field(65536, description="Tokens in the shuffle buffer.")
+    buffer_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Storage dtype of buffered activations."
+    )
+    lm_batch_size: PositiveInt = Field(8, description="Sequences per LM forward pass.")
+
+    @property
+    def shape(self) -> LMShape | None:
+        """Layer count and widths of the LM, or None for a name not in KNOWN_LMS."""
+        if self.name == "tiny":
+            return LMShape(self.tiny_n_layers, self.tiny_d_model, self.tiny_d_mlp)
+        return KNOWN_LMS.get(self.name)
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "lm"] = Field(
+        "lm", description="Where activations come from: a frozen LM or a planted dictionary."
+    )
+    synthetic: SyntheticDataConfig | None = Field(
+        None, description="Planted dictionary; required when source is 'synthetic'."
+    )
+    lm: LMDataConfig = Field(default_factory=LMDataConfig, description="LM activation source.")
+    standardize_tokens: PositiveInt = Field(
+        100_000, description="Tokens used to estimate per-(layer, dim) mean and std."
+    )
+
+    @model_validator(mode="after")
+    def _synthetic_given(self) -> DataConfig:
+        if self.source == "synthetic" and self.synthetic is None:
+            _fail_if([("synthetic", "is required when source is 'synthetic'")])
+        return self
+
+
+class TrainConfig(_Section):
+    steps: PositiveInt = Field(..., description="Optimizer steps, > 0.")
+    batch_tokens: PositiveInt = Field(
+        4096, description="Tokens per optimizer step (N), divisible by grad_accum * parallel.data."
+    )
+    lr: PositiveFloat = Field(2e-4, description="Peak learning rate, > 0.")
+    warmup_steps: NonNegativeInt = Field(
+        0, description="Steps of linear learning-rate warmup, < steps."
+    )
+    decay: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="Final learning rate as a fraction of lr, [0, 1]."
+    )
+    grad_clip: PositiveFloat | None = Field(
+        1.0, description="Max global gradient norm; null disables clipping."
+    )
+    grad_accum: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="Optimizer.")
+    weight_decay: NonNegativeFloat = Field(0.0, description="Weight decay, >= 0.")
+    # strict=False so the JSON list [b1, b2] is accepted as a tuple (items stay strict floats).
+    betas: tuple[Beta, Beta] = Field(
+        (0.9, 0.999), strict=False, description="Adam betas, each in [0, 1)."
+    )
+    seed: int = Field(0, description="Seed of initialisation and data order.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto' uses CUDA when available."
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Autocast dtype of the forward pass."
+    )
+
+
+class ParallelConfig(_Section):
+    data: PositiveInt = Field(1, description="Data-parallel ranks.")
+    tensor: PositiveInt = Field(1, description="Tensor-parallel ranks (shard features).")
+
+
+class LoggingConfig(_Section):
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="wandb mode."
+    )
+    wandb_project: str = Field("clt", description="wandb project.")
+    every: PositiveInt = Field(50, description="Log metrics every this many steps.")
+    run_dir: str = Field("runs", description="Folder that holds one subfolder per run.")
+    run_name: str | None = Field(None, description="Run subfolder name; null = generated.")
+
+
+class EvalConfig(_Section):
+    every: PositiveInt = Field(1000, description="Evaluate every this many steps.")
+    tokens: PositiveInt = Field(8192, description="Held-out tokens per evaluation.")
+
+
+class CheckpointConfig(_Section):
+    every: PositiveInt = Field(1000, description="Checkpoint every this many steps.")
+    keep_last: PositiveInt = Field(2, description="Checkpoints kept on disk, >= 1.")
+
+
+class Config(_Section):
+    model: ModelConfig = Field(..., description="Transcoder shape.")
+    nonlinearity: NonlinearityConfig = Field(..., description="Sparsifying activation.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Loss terms.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Activation source.")
+    train: TrainConfig = Field(..., description="Optimisation.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Parallelism.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Checkpointing."
+    )
+
+    @property
+    def source_n_layers(self) -> int | None:
+        """Layers of the activation source (LM or planted model); None for an unknown LM."""
+        if self.data.source == "synthetic":
+            assert self.data.synthetic is not None
+            return self.data.synthetic.n_layers
+        shape = self.data.lm.shape
+        return shape.n_layers if shape else None
+
+    @property
+    def n_layers(self) -> int | None:
+        """L, the number of trained layers; None when it depends on an unknown LM."""
+        if self.model.layers is not None:
+            return len(self.model.layers)
+        return self.source_n_layers
+
+    @property
+    def resolved_layers(self) -> list[int] | None:
+        """Source layers that are trained, in order; None when unknown."""
+        if self.model.layers is not None:
+            return list(self.model.layers)
+        n = self.source_n_layers
+        return list(range(n)) if n is not None else None
+
+    @property
+    def resolved_reach(self) -> int | None:
+        """R: model.reach, or L for a CLT; None when L is unknown."""
+        return self.model.reach if self.model.reach is not None else self.n_layers
+
+    @property
+    def is_sae(self) -> bool:
+        """True when the transcoder reconstructs its own input hook."""
+        return self.data.source == "lm" and self.data.lm.output_hook == self.data.lm.input_hook
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Config:
+        _fail_if(
+            self._feature_problems()
+            + self._layer_problems()
+            + self._batch_problems()
+            + self._schedule_problems()
+        )
+        return self
+
+    def _feature_problems(self) -> list[tuple[str, str]]:
+        f, tp = self.model.n_features, self.parallel.tensor
+        problems = []
+        for path, k in (("nonlinearity.k", self.nonlinearity.k), ("loss.auxk_k", self.loss.auxk_k)):
+            if k is not None and k > f:
+                problems.append((path, f"must be <= model.n_features = {f} (got {k})"))
+        if f % tp:
+            problems.append(
+                ("model.n_features", f"must be divisible by parallel.tensor = {tp} (got {f})")
+            )
+        return problems
+
+    def _layer_problems(self) -> list[tuple[str, str]]:
+        problems = []
+        n_src, layers = self.source_n_layers, self.model.layers
+        if n_src is not None and layers is not None and layers[-1] >= n_src:
+            source = (
+                "the synthetic source" if self.data.source == "synthetic" else self.data.lm.name
+            )
+            bad = [i for i in layers if i >= n_src]
+            msg = (
+                f"layers {bad} do not exist in {source}, which has {n_src} layers (0..{n_src - 1})"
+            )
+            problems.append(("model.layers", msg))
+        reach, n = self.model.reach, self.n_layers
+        if reach is not None and n is not None and reach > n:
+            problems.append(
+                ("model.reach", f"must be between 1 and the {n} trained layers (got {reach})")
+            )
+        if self.is_sae and self.resolved_reach != 1:
+            hooks = f"data.lm.output_hook == data.lm.input_hook == '{self.data.lm.input_hook}'"
+            problems.append(("model.reach", f"must be 1 for an SAE ({hooks}) (got {_show(reach)})"))
+        return problems
+
+    def _batch_problems(self) -> list[tuple[str, str]]:
+        per_step = self.train.grad_accum * self.parallel.data
+        if self.train.batch_tokens % per_step == 0:
+            return []
+        msg = f"must be divisible by train.grad_accum * parallel.data = {per_step}"
+        return [("train.batch_tokens", f"{msg} (got {self.train.batch_tokens})")]
+
+    def _schedule_problems(self) -> list[tuple[str, str]]:
+        steps, problems = self.train.steps, []
+        warmup, sparsity_warmup = self.train.warmup_steps, self.loss.sparsity_warmup_steps
+        if warmup >= steps:
+            problems.append(
+                ("train.warmup_steps", f"must be < train.steps = {steps} (got {warmup})")
+            )
+        if sparsity_warmup > steps:
+            msg = f"must be <= train.steps = {steps} (got {sparsity_warmup})"
+            problems.append(("loss.sparsity_warmup_steps", msg))
+        return problems
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _error_lines(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        if err["type"] == _CROSS_FIELD:
+            # Model validators report paths relative to the model they sit on.
+            for path, msg in err["ctx"]["problems"]:
+                lines.append(f"{_dotted([*loc, *path.split('.')])}: {msg}")
+            continue
+        line = f"{_dotted(loc) or '<top level>'}: {err['msg']}"
+        if err["type"] != "missing":
+            line += f" (got {_show(err['input'])})"
+        lines.append(line)
+    return lines
+
+
+def validate_config(raw: Any) -> Config:
+    """Validate a raw (JSON-like) dict into a Config, raising ConfigError on any problem."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_error_lines(exc))) from None
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """Split ``a.b.c=value`` into (["a", "b", "c"], value); value is JSON if it parses, else str."""
+    key, sep, value = text.partition("=")
+    path = key.strip().split(".")
+    if not sep or any(not part for part in path):
+        raise ConfigError(f"override {text!r}: expected section.field=value")
+    try:
+        return path, json.loads(value)
+    except json.JSONDecodeError:
+        return path, value
+
+
+def _apply_override(raw: dict[str, Any], path: list[str], value: object) -> None:
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            where = ".".join(path[: i + 1])
+            raise ConfigError(f"{where}: is not a section, cannot set {'.'.join(path)}")
+        node = child
+    node[path[-1]] = value
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    return raw
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a JSON config, apply ``section.field=value`` overrides in order, and validate it."""
+    raw = _read_json(Path(path))
+    for text in overrides:
+        _apply_override(raw, *parse_override(text))
+    return validate_config(raw)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the fully resolved config (defaults included) as indented JSON."""
+    text = json.dumps(cfg.model_dump(mode="json"), indent=2)
+    Path(path).write_text(text + "\n", encoding="utf-8")
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The model class behind a field (also through ``Model | None``), if any."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _help_lines(model: type[BaseModel], prefix: str) -> list[str]:
+    lines = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        section = _section_type(field.annotation)
+        if section is not None and field.annotation is section:
+            lines += _help_lines(section, f"{path}.")
+            continue
+        default = "required" if field.is_required() else f"default {_show(field.default)}"
+        type_name = "section | null" if section else _type_name(field.annotation)
+        lines.append(f"  {path}  ({type_name}, {default})")
+        lines += textwrap.wrap(
+            field.description or "", width=96, initial_indent=" " * 6, subsequent_indent=" " * 6
+        )
+        if section is not None:  # an optional section: list its fields too
+            lines += _help_lines(section, f"{path}.")
+    return lines
+
+
+def config_help() -> str:
+    """Every config field path with its type, default and description, for ``--help``."""
+    head = "config fields (set in the JSON file or with --set PATH=VALUE):"
+    return "\n".join([head, *_help_lines(Config, "")])
+
+
+def main_config(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Parse the command line and load the config; on a config error print it and exit 2."""
+    parser = argparse.ArgumentParser(
+        description="Train a crosslayer transcoder.",
+        epilog=config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="JSON config file (see configs/).")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="Override one field; the value is parsed as JSON when it parses. Repeatable.",
+    )
+    parser.add_argument("--resume", metavar="RUN_DIR", default=None, help="Run folder to resume.")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"config error: {line}", file=sys.stderr)
+        sys.exit(2)
+    return cfg, args

@@ -1,0 +1,142 @@
+"""Training objective of a CLT (DESIGN.md, "The math").
+
+All terms share one normalisation so their coefficients are comparable: a sum over features and
+``d_out``, a mean over tokens, a sum over layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import kernels
+
+from .model import Codes, CrossLayerTranscoder
+
+# Cap on AuxK's k when the config leaves it unset (Gao et al. use 512).
+DEFAULT_AUXK_K = 512
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Coefficients of the objective (the ``loss`` section of the config)."""
+
+    sparsity_coef: float = 0.0
+    sparsity_c: float = 1.0
+    sparsity_warmup_steps: int = 0
+    l0_coef: float = 0.0
+    preact_coef: float = 0.0
+    auxk_alpha: float = 1 / 32
+    auxk_k: int | None = None
+    dead_tokens: int = 10_000_000
+
+
+@dataclass
+class LossOutput:
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    yhat: torch.Tensor
+    codes: Codes
+    fvu: torch.Tensor  # [L], detached
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def reconstruction_loss(y: torch.Tensor, yhat: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over ``d_out``, averaged over tokens, summed over layers."""
+    return (y - yhat).pow(2).sum(dim=-1).mean(dim=-1).sum()
+
+
+def total_variance(y: torch.Tensor) -> torch.Tensor:
+    """``[L]`` ``sum_n ||y_n - mean(y)||^2`` over the batch."""
+    return (y - y.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2))
+
+
+def fvu_per_layer(y: torch.Tensor, yhat: torch.Tensor) -> torch.Tensor:
+    """``[L]`` fraction of variance unexplained: ``sum ||y - yhat||^2 / sum ||y - mean(y)||^2``
+    over the batch (a ratio of sums, not a mean of per-dimension ratios)."""
+    return (y - yhat).pow(2).sum(dim=(1, 2)) / total_variance(y)
+
+
+def sparsity_ramp(step: int, warmup_steps: int) -> float:
+    """Linear ramp of the sparsity coefficient from 0 to 1 over ``warmup_steps`` steps."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+
+
+def tanh_penalty(codes: Codes, dec_norms: torch.Tensor, c: float) -> torch.Tensor:
+    """``sum_i tanh(c * a_i * ||W_dec_i||)`` from the sparse codes (padding contributes 0)."""
+    norms = dec_norms.gather(1, codes.indices.long().flatten(1)).view_as(codes.values)
+    return torch.tanh(c * codes.values * norms).sum(dim=-1).mean(dim=-1).sum()
+
+
+def preact_loss(pre: torch.Tensor, theta: torch.Tensor | None, dec_norms: torch.Tensor):
+    """``sum_i relu(theta_i - pre_i) * ||W_dec_i||``; ``theta = 0`` for ReLU."""
+    gap = -pre if theta is None else theta.unsqueeze(1) - pre
+    return (torch.relu(gap) * dec_norms.unsqueeze(1)).sum(dim=-1).mean(dim=-1).sum()
+
+
+def l0_penalty(pre: torch.Tensor, log_threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """Number of active JumpReLU features, with the STE gradient into the thresholds."""
+    step = kernels.jumprelu_step(pre, log_threshold, bandwidth)
+    return step.sum(dim=-1).mean(dim=-1).sum()
+
+
+def auxk_loss(
+    model: CrossLayerTranscoder,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    yhat: torch.Tensor,
+    weights: LossWeights,
+) -> torch.Tensor | None:
+    """AuxK: the top ``k_aux`` dead features fit the detached residual ``e = y - yhat``.
+
+    Per target layer reached by a dead feature, ``||e - e_aux||^2 / ||e - mean(e)||^2`` (e_aux is
+    decoded without bias) times that layer's target variance ``||y - mean(y)||^2 / N``. The factor
+    puts the term in the reconstruction loss's units: Gao et al. weigh a normalised aux loss
+    against a normalised MSE; ours is unnormalised (summed over ``d_out``), so without it
+    ``alpha`` would be ``~d_out`` times weaker than intended. None when no feature is dead.
+    """
+    dead = model.dead_mask(weights.dead_tokens)
+    k_aux = min(weights.auxk_k or DEFAULT_AUXK_K, model.n_features)
+    codes = model.auxk_codes(x, dead, k_aux)
+    if codes is None:
+        return None
+    e = (y - yhat).detach()
+    e_aux = model.decode(codes, bias=False)
+    has_dead = dead.any(dim=1)
+    reached = torch.stack([has_dead[list(model.layout.sources_of(t))].any()
+                           for t in range(model.n_layers)])
+    ratio = (e - e_aux).pow(2).sum(dim=(1, 2)) / total_variance(e).clamp_min(1e-12)
+    scale = (total_variance(y) / y.shape[1]).detach()
+    return (ratio * scale)[reached].sum()
+
+
+def compute_losses(
+    model: CrossLayerTranscoder,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: LossWeights,
+    step: int,
+) -> LossOutput:
+    """Forward pass and every loss term on standardized ``x [L, N, d_in]``, ``y [L, N, d_out]``."""
+    yhat, codes = model(x)
+    terms = {"mse": reconstruction_loss(y, yhat)}
+    needs_norms = weights.sparsity_coef > 0 or (weights.preact_coef > 0 and codes.pre is not None)
+    dec_norms = model.decoder_norms() if needs_norms else None
+    ramp = sparsity_ramp(step, weights.sparsity_warmup_steps)
+    if weights.sparsity_coef > 0:
+        penalty = tanh_penalty(codes, dec_norms, weights.sparsity_c)
+        terms["sparsity"] = weights.sparsity_coef * ramp * penalty
+    if codes.pre is not None and weights.preact_coef > 0:
+        theta = model.log_threshold.exp() if model.nonlinearity == "jumprelu" else None
+        terms["preact"] = weights.preact_coef * preact_loss(codes.pre, theta, dec_norms)
+    if model.nonlinearity == "jumprelu" and weights.l0_coef > 0:
+        l0 = l0_penalty(codes.pre, model.log_threshold, model.jumprelu_bandwidth)
+        terms["l0"] = weights.l0_coef * ramp * l0
+    if model.nonlinearity in ("topk", "batchtopk") and weights.auxk_alpha > 0:
+        aux = auxk_loss(model, x, y, yhat, weights)
+        if aux is not None:
+            terms["auxk"] = weights.auxk_alpha * aux
+    total = torch.stack(list(terms.values())).sum()
+    fvu = fvu_per_layer(y.detach(), yhat.detach())
+    return LossOutput(total=total, terms=terms, yhat=yhat, codes=codes, fvu=fvu)

@@ -1,0 +1,250 @@
+"""The crosslayer transcoder: encoder, sparse nonlinearity, sparse crosslayer decoder.
+
+Single-device by design; parallelism is applied from outside. Everything here runs on
+standardized activations: ``x [L, N, d_in]`` in, ``yhat [L, N, d_out]`` out (see ``Standardizer``).
+Reach ``R`` covers the family: ``R = L`` a CLT, ``R = 1`` a per-layer transcoder (PLT), and an SAE
+is a PLT whose output hook is its input hook.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import kernels
+from kernels import DecoderLayout
+
+from .standardize import Standardizer
+
+NONLINEARITIES = ("topk", "batchtopk", "jumprelu", "relu")
+
+
+@dataclass
+class Codes:
+    """Sparse activations of one batch.
+
+    ``values``/``indices`` are ``[L, N, K]`` (padded slots have value 0). ``pre`` is the dense
+    ``[L, N, F]`` pre-activation, kept only by the nonlinearities whose losses need it (JumpReLU,
+    ReLU); the TopK family never keeps it.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    pre: torch.Tensor | None = None
+
+    def fired(self, n_features: int) -> torch.Tensor:
+        """``[L, F]`` bool: which features had a positive value anywhere in the batch."""
+        L = self.values.shape[0]
+        hit = torch.zeros(L, n_features, dtype=torch.int64, device=self.values.device)
+        counts = (self.values.detach() > 0).to(torch.int64).flatten(1)
+        hit.scatter_add_(1, self.indices.long().flatten(1), counts)
+        return hit > 0
+
+    def l0(self) -> torch.Tensor:
+        """``[L]`` mean number of active (positive) features per token."""
+        return (self.values.detach() > 0).sum(dim=-1).float().mean(dim=1)
+
+
+class CrossLayerTranscoder(nn.Module):
+    """Crosslayer transcoder with decoder reach ``R``.
+
+    Parameters: ``W_enc [L, d_in, F]``, ``b_enc [L, F]``, ``W_dec [F * P, d_out]`` (one row table
+    for all sources, see ``kernels.DecoderLayout``), ``b_dec [L, d_out]``, and for JumpReLU
+    ``log_threshold [L, F]`` (float32 even when the rest is bf16).
+    Buffers: the standardizer, ``tokens_since_fired [L, F]`` and, for BatchTopK, the EMA
+    ``threshold`` used at inference.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        d_in: int,
+        d_out: int,
+        n_features: int,
+        reach: int | None = None,
+        nonlinearity: str = "topk",
+        k: int | None = None,
+        batchtopk_scope: str = "layer",
+        threshold_ema_decay: float = 0.99,
+        rank_by_decoder_norm: bool = False,
+        jumprelu_init_threshold: float = 0.1,
+        jumprelu_bandwidth: float = 0.1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
+        if nonlinearity in ("topk", "batchtopk") and not (k and 1 <= k <= n_features):
+            raise ValueError(f"{nonlinearity} needs 1 <= k <= n_features={n_features}, got {k}")
+        self.layout = DecoderLayout(n_layers, n_features, reach or n_layers)
+        self.n_layers, self.d_in, self.d_out, self.n_features = n_layers, d_in, d_out, n_features
+        self.nonlinearity, self.k = nonlinearity, k
+        self.batchtopk_scope, self.threshold_ema_decay = batchtopk_scope, threshold_ema_decay
+        self.rank_by_decoder_norm = rank_by_decoder_norm
+        self.jumprelu_bandwidth = jumprelu_bandwidth
+
+        factory = {"dtype": dtype, "device": device}
+        self.W_enc = nn.Parameter(torch.empty(n_layers, d_in, n_features, **factory))
+        self.b_enc = nn.Parameter(torch.zeros(n_layers, n_features, **factory))
+        self.W_dec = nn.Parameter(torch.empty(self.layout.n_rows, d_out, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(n_layers, d_out, **factory))
+        if nonlinearity == "jumprelu":
+            init = math.log(jumprelu_init_threshold)
+            self.log_threshold = nn.Parameter(
+                torch.full((n_layers, n_features), init, dtype=torch.float32, device=device)
+            )
+        n_thresholds = n_layers if batchtopk_scope == "layer" else 1
+        self.register_buffer("threshold", torch.zeros(n_thresholds, device=device))
+        self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer(
+            "tokens_since_fired", torch.zeros(n_layers, n_features, dtype=torch.int64,
+                                              device=device)
+        )
+        self.standardizer = Standardizer(n_layers, d_in, d_out).to(device)
+        self.reset_parameters()
+
+    @property
+    def reach(self) -> int:
+        return self.layout.reach
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """DESIGN init: ``W_enc ~ U(+-1/sqrt(F))``, ``W_dec ~ U(+-1/sqrt(R * d_out))`` (which is
+        ``1/sqrt(L * d_out)`` for a CLT and ``1/sqrt(d_out)`` for a PLT), biases 0."""
+        enc_bound = 1 / math.sqrt(self.n_features)
+        dec_bound = 1 / math.sqrt(self.reach * self.d_out)
+        self.W_enc.uniform_(-enc_bound, enc_bound)
+        self.W_dec.uniform_(-dec_bound, dec_bound)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    def decoder_view(self, source: int) -> torch.Tensor:
+        """``[F, R_s, d_out]`` decoder block of one source layer (a view, for export)."""
+        return self.layout.source_view(self.W_dec, source)
+
+    def decoder_norms(self) -> torch.Tensor:
+        """``[L, F]`` norm of each feature's whole crosslayer write."""
+        return kernels.decoder_norms(self.W_dec, self.layout)
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense ``[L, N, F]`` pre-activations (only for nonlinearities that need them)."""
+        return torch.baddbmm(self.b_enc.unsqueeze(1), x, self.W_enc)
+
+    def encode(self, x: torch.Tensor) -> Codes:
+        """Standardized ``x [L, N, d_in]`` -> sparse codes."""
+        self._check_inputs(x)
+        if self.nonlinearity == "topk":
+            scale = self.decoder_norms() if self.rank_by_decoder_norm else None
+            values, indices = kernels.encode_topk(x, self.W_enc, self.b_enc, self.k, scale)
+            return Codes(torch.relu(values), indices)
+        pre = self.pre_activations(x)
+        if self.nonlinearity == "batchtopk":
+            return self._batchtopk(pre)
+        if self.nonlinearity == "jumprelu":
+            values, indices = kernels.jumprelu_codes(pre, self.log_threshold,
+                                                     self.jumprelu_bandwidth)
+            return Codes(values, indices, pre)
+        return Codes(*kernels.relu_codes(pre), pre)
+
+    def _batchtopk(self, pre: torch.Tensor) -> Codes:
+        """Exact BatchTopK while training; at inference a JumpReLU at the EMA threshold."""
+        if self.training:
+            values, indices, min_kept = kernels.batchtopk(pre, self.k, self.batchtopk_scope)
+            self._update_threshold(min_kept)
+            return Codes(values, indices)
+        theta = self.threshold.view(-1, 1, 1)  # [L or 1, 1, 1]
+        return Codes(*kernels.mask_to_codes(pre, pre > theta))
+
+    @torch.no_grad()
+    def _update_threshold(self, min_kept: torch.Tensor) -> None:
+        if int(self.threshold_updates) == 0:
+            self.threshold.copy_(min_kept)
+        else:
+            self.threshold.lerp_(min_kept.to(self.threshold.dtype), 1 - self.threshold_ema_decay)
+        self.threshold_updates += 1
+
+    def decode(self, codes: Codes, bias: bool = True) -> torch.Tensor:
+        """Sparse codes -> standardized ``[L, N, d_out]``; ``bias=False`` for AuxK."""
+        b_dec = self.b_dec if bias else None
+        return kernels.sparse_decode(codes.values, codes.indices, self.W_dec, b_dec, self.layout)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Codes]:
+        codes = self.encode(x)
+        return self.decode(codes), codes
+
+    def reconstruct(self, x_raw: torch.Tensor) -> torch.Tensor:
+        """Raw hook activations in, raw MLP-output-scale reconstruction out."""
+        yhat, _ = self(self.standardizer.inputs(x_raw))
+        return self.standardizer.restore_targets(yhat)
+
+    def dead_mask(self, dead_tokens: int) -> torch.Tensor:
+        """``[L, F]`` bool: features that have not fired for ``dead_tokens`` tokens."""
+        return self.tokens_since_fired >= dead_tokens
+
+    @torch.no_grad()
+    def update_dead_stats(self, codes: Codes) -> None:
+        """Advance the tokens-since-fired counters by one batch."""
+        self.tokens_since_fired += codes.values.shape[1]
+        self.tokens_since_fired[codes.fired(self.n_features)] = 0
+
+    def auxk_codes(self, x: torch.Tensor, dead: torch.Tensor, k_aux: int) -> Codes | None:
+        """Top ``k_aux`` pre-activations among dead features only (AuxK), or None if none dead.
+
+        Encodes only the dead columns of each layer, so the cost scales with the dead count.
+        """
+        n_dead = dead.sum(dim=1)  # [L]
+        if int(n_dead.max()) == 0:
+            return None
+        K = min(k_aux, int(n_dead.max()))
+        L, N, _ = x.shape
+        values = x.new_zeros(L, N, K)
+        indices = torch.zeros(L, N, K, dtype=torch.int64, device=x.device)
+        for layer in range(L):
+            cols = dead[layer].nonzero().squeeze(1)
+            k_layer = min(K, cols.numel())
+            if k_layer == 0:
+                continue
+            W = self.W_enc[layer].index_select(1, cols).unsqueeze(0)  # [1, d_in, n_dead]
+            b = self.b_enc[layer].index_select(0, cols).unsqueeze(0)
+            v, i = kernels.encode_topk(x[layer : layer + 1], W, b, k_layer)
+            values[layer, :, :k_layer] = torch.relu(v[0])
+            indices[layer, :, :k_layer] = cols[i[0]]
+        return Codes(values, indices)
+
+    @torch.no_grad()
+    def folded_copy(self) -> CrossLayerTranscoder:
+        """A copy whose weights read raw inputs and write raw outputs (identity standardizer).
+
+        ``pre`` is unchanged by the fold, so codes, thresholds and the selection are identical:
+        ``W_enc' = W_enc / std_in``, ``b_enc' = b_enc - (mean_in / std_in) @ W_enc``,
+        ``W_dec'[., t, :] = W_dec[., t, :] * std_out[t]``, ``b_dec' = b_dec * std_out + mean_out``.
+        """
+        if self.rank_by_decoder_norm:
+            raise ValueError("folding rescales decoder norms, which would change a TopK model "
+                             "ranked by decoder norm: convert it to JumpReLU before exporting")
+        folded = copy.deepcopy(self)
+        st = self.standardizer
+        inv_std_in = (1 / st.in_std).to(self.W_enc.dtype)
+        folded.W_enc.copy_(self.W_enc * inv_std_in.unsqueeze(-1))
+        shift = torch.einsum("ld,ldf->lf", st.in_mean.to(self.W_enc.dtype) * inv_std_in,
+                             self.W_enc)
+        folded.b_enc.copy_(self.b_enc - shift)
+        out_std = st.out_std.to(self.W_dec.dtype)
+        for s in range(self.n_layers):
+            R_s = self.layout.reach_of(s)
+            folded.decoder_view(s).mul_(out_std[s : s + R_s].unsqueeze(0))
+        folded.b_dec.copy_(self.b_dec * out_std + st.out_mean.to(self.b_dec.dtype))
+        folded.standardizer.reset_()
+        return folded
+
+    def _check_inputs(self, x: torch.Tensor) -> None:
+        if x.dim() != 3 or x.shape[0] != self.n_layers or x.shape[2] != self.d_in:
+            raise ValueError(
+                f"expected x of shape [L={self.n_layers}, N, d_in={self.d_in}], got "
+                f"{tuple(x.shape)}"
+            )
