@@ -105,9 +105,6 @@ class ModelConfig(_Section):
         description="LM layers the transcoder reads and writes, sorted and unique. "
         "null = all layers of the LM.",
     )
-    skip: bool = Field(
-        False, description="Add a linear skip connection W_skip from input to output."
-    )
 
     @model_validator(mode="after")
     def _layers_sorted_unique(self) -> ModelConfig:
@@ -187,7 +184,9 @@ class SyntheticDataConfig(_Section):
     active_per_layer: PositiveInt = Field(
         4, description="Planted features active per (token, layer), <= n_true_features."
     )
-    noise: NonNegativeFloat = Field(0.0, description="Std of Gaussian noise added to targets.")
+    noise: NonNegativeFloat = Field(
+        0.0, description="Std of Gaussian noise added to inputs and targets."
+    )
     seed: int = Field(0, description="Seed of the planted dictionary.")
 
     @model_validator(mode="after")

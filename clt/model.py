@@ -228,17 +228,15 @@ class CrossLayerTranscoder(nn.Module):
             raise ValueError("folding rescales decoder norms, which would change a TopK model "
                              "ranked by decoder norm: convert it to JumpReLU before exporting")
         folded = copy.deepcopy(self)
-        st = self.standardizer
-        inv_std_in = (1 / st.in_std).to(self.W_enc.dtype)
-        folded.W_enc.copy_(self.W_enc * inv_std_in.unsqueeze(-1))
-        shift = torch.einsum("ld,ldf->lf", st.in_mean.to(self.W_enc.dtype) * inv_std_in,
-                             self.W_enc)
-        folded.b_enc.copy_(self.b_enc - shift)
-        out_std = st.out_std.to(self.W_dec.dtype)
+        st = self.standardizer  # float64 statistics: fold in float64, round once
+        W_enc, b_enc = self.W_enc.double(), self.b_enc.double()
+        folded.W_enc.copy_(W_enc / st.in_std.unsqueeze(-1))
+        folded.b_enc.copy_(b_enc - torch.einsum("ld,ldf->lf", st.in_mean / st.in_std, W_enc))
         for s in range(self.n_layers):
             R_s = self.layout.reach_of(s)
-            folded.decoder_view(s).mul_(out_std[s : s + R_s].unsqueeze(0))
-        folded.b_dec.copy_(self.b_dec * out_std + st.out_mean.to(self.b_dec.dtype))
+            block = self.decoder_view(s).double() * st.out_std[s : s + R_s].unsqueeze(0)
+            folded.decoder_view(s).copy_(block)
+        folded.b_dec.copy_(self.b_dec.double() * st.out_std + st.out_mean)
         folded.standardizer.reset_()
         return folded
 

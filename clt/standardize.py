@@ -51,15 +51,22 @@ class RunningMoments:
         return self.mean, torch.where(std < MIN_STD, torch.ones_like(std), std)
 
 
+def _like(stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``[L, d]`` statistic as ``[L, 1, d]`` in the activations' dtype."""
+    return stat.to(x.dtype).unsqueeze(1)
+
+
 class Standardizer(nn.Module):
     """Affine per (layer, dim) maps ``x -> (x - mean) / std``; identity until fitted."""
 
     def __init__(self, n_layers: int, d_in: int, d_out: int) -> None:
         super().__init__()
-        self.register_buffer("in_mean", torch.zeros(n_layers, d_in))
-        self.register_buffer("in_std", torch.ones(n_layers, d_in))
-        self.register_buffer("out_mean", torch.zeros(n_layers, d_out))
-        self.register_buffer("out_std", torch.ones(n_layers, d_out))
+        # float64 like the estimate: folding into the weights then loses nothing
+        f64 = {"dtype": torch.float64}
+        self.register_buffer("in_mean", torch.zeros(n_layers, d_in, **f64))
+        self.register_buffer("in_std", torch.ones(n_layers, d_in, **f64))
+        self.register_buffer("out_mean", torch.zeros(n_layers, d_out, **f64))
+        self.register_buffer("out_std", torch.ones(n_layers, d_out, **f64))
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("n_tokens", torch.tensor(0, dtype=torch.int64))
 
@@ -93,15 +100,15 @@ class Standardizer(nn.Module):
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         """``[L, N, d_in]`` raw inputs -> standardized."""
-        return (x - self.in_mean.unsqueeze(1)) / self.in_std.unsqueeze(1)
+        return (x - _like(self.in_mean, x)) / _like(self.in_std, x)
 
     def targets(self, y: torch.Tensor) -> torch.Tensor:
         """``[L, N, d_out]`` raw targets -> standardized."""
-        return (y - self.out_mean.unsqueeze(1)) / self.out_std.unsqueeze(1)
+        return (y - _like(self.out_mean, y)) / _like(self.out_std, y)
 
     def restore_targets(self, y_std: torch.Tensor) -> torch.Tensor:
         """Standardized outputs -> raw MLP-output scale."""
-        return y_std * self.out_std.unsqueeze(1) + self.out_mean.unsqueeze(1)
+        return y_std * _like(self.out_std, y_std) + _like(self.out_mean, y_std)
 
     @torch.no_grad()
     def reset_(self) -> None:

@@ -59,7 +59,7 @@ def test_preset_reaches():
     [
         ("train.steps=10", ["train", "steps"], 10),
         ("train.lr=3e-4", ["train", "lr"], 3e-4),
-        ("model.skip=true", ["model", "skip"], True),
+        ("nonlinearity.rank_by_decoder_norm=true", ["nonlinearity", "rank_by_decoder_norm"], True),
         ("model.reach=null", ["model", "reach"], None),
         ("model.layers=[0,2]", ["model", "layers"], [0, 2]),
         ("data.lm.name=gpt2", ["data", "lm", "name"], "gpt2"),
@@ -96,7 +96,7 @@ def test_parse_override_rejects_malformed(text: str):
     [
         ("train.steps=10", lambda c: c.train.steps, 10),
         ("train.lr=0.01", lambda c: c.train.lr, 0.01),
-        ("model.skip=true", lambda c: c.model.skip, True),
+        ("nonlinearity.rank_by_decoder_norm=true", lambda c: c.nonlinearity.rank_by_decoder_norm, True),
         ("model.layers=null", lambda c: c.model.layers, None),
         ("model.layers=[3,7]", lambda c: c.model.layers, [3, 7]),
         ("data.lm.name=gpt2", lambda c: c.data.lm.name, "gpt2"),
