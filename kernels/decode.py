@@ -120,8 +120,13 @@ def sparse_decode(
         ``[L, N, d_out]`` outputs in ``W_dec``'s dtype.
     """
     check_codes(values, indices, layout.n_layers)
-    if W_dec.shape[0] != layout.n_rows:
-        raise ValueError(f"W_dec has {W_dec.shape[0]} rows, layout needs {layout.n_rows}")
+    if W_dec.dim() != 2 or W_dec.shape[0] != layout.n_rows:
+        raise ValueError(f"W_dec must be [{layout.n_rows}, d_out], got {tuple(W_dec.shape)}")
+    # a [d_out] or [L, 1] bias would broadcast silently in the torch path
+    if b_dec is not None and b_dec.shape != (layout.n_layers, W_dec.shape[1]):
+        raise ValueError(
+            f"b_dec must be [{layout.n_layers}, {W_dec.shape[1]}], got {tuple(b_dec.shape)}"
+        )
     return sparse_decode_torch(values, indices, W_dec, b_dec, layout)
 
 

@@ -92,4 +92,6 @@ def jumprelu_codes(
     """
     a = jumprelu(pre, log_theta, eps)
     theta = _theta(log_theta.detach())
-    return mask_to_codes(a, pre.detach() > theta - eps / 2)
+    # same arithmetic as _rect: ``pre > theta - eps/2`` rounds differently and can drop an entry
+    # the rectangle holds (e.g. float32 pre == fl(theta - eps/2) with that rounding up)
+    return mask_to_codes(a, pre.detach() - theta > -eps / 2)

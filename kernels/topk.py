@@ -36,7 +36,7 @@ def _encode_topk_bwd(grad_values, x, W_enc, indices, needs_x, needs_w, needs_b):
         idx = indices[layer].reshape(-1)  # [N * k]
         if needs_x:
             # [N, k, d_in] columns of W_enc picked by the codes
-            cols = W_enc[layer].t().index_select(0, idx).view(N, k, d_in)
+            cols = W_enc[layer].t().contiguous().index_select(0, idx).view(N, k, d_in)
             grad_x[layer] = torch.einsum("nk,nkd->nd", g, cols)
         if needs_w:
             contrib = (g.unsqueeze(-1) * x[layer].unsqueeze(1)).reshape(N * k, d_in)
@@ -91,5 +91,11 @@ def encode_topk(
     if not 1 <= k <= W_enc.shape[2]:
         raise ValueError(f"encode_topk: k must be in 1..{W_enc.shape[2]}, got {k}")
     if rank_scale is not None:
+        # an [F] or [L, 1] scale would broadcast silently into a different ranking
+        if rank_scale.shape != b_enc.shape:
+            raise ValueError(
+                f"encode_topk: rank_scale must be [L, F] = {tuple(b_enc.shape)}, got "
+                f"{tuple(rank_scale.shape)}"
+            )
         rank_scale = rank_scale.detach()
     return EncodeTopKFunction.apply(x, W_enc, b_enc, k, rank_scale)

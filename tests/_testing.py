@@ -1,0 +1,63 @@
+"""The one comparison helper of the op tests, and the tolerances that go with each dtype."""
+
+from __future__ import annotations
+
+import torch
+
+# (atol, rtol) for a result computed in this dtype and compared with a float64 reference. Inputs
+# are O(1) and sums run over at most a few hundred terms: fp32 keeps ~1e-6 relative per op,
+# bf16 rounds every stored value to 8 mantissa bits (~4e-3).
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (2e-5, 1e-4),
+    torch.bfloat16: (6e-2, 3e-2),
+}
+
+_SHOW = 5
+
+
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    atol: float | None = None,
+    rtol: float | None = None,
+    name: str = "tensor",
+) -> None:
+    """Assert ``|actual - expected| <= atol + rtol * |expected|`` elementwise; NaN matches NaN.
+
+    Tolerances default to ``TOLERANCES[actual.dtype]``. On failure the message gives the max abs
+    error and where, the RMS relative error, and the first mismatching indices with both values.
+    """
+    default_atol, default_rtol = TOLERANCES.get(actual.dtype, TOLERANCES[torch.float32])
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
+    if actual.shape != expected.shape:
+        raise AssertionError(
+            f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+        )
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    both_nan = a.isnan() & e.isnan()
+    err = (a - e).abs()
+    ok = (err <= atol + rtol * e.abs()) | both_nan | (a == e)  # a == e: equal infinities
+    if bool(ok.all()):
+        return
+    bad = (~ok).nonzero()
+    finite = err.nan_to_num(nan=float("inf"))
+    worst = int(finite.flatten().argmax())
+    worst_idx = tuple(torch.unravel_index(torch.tensor(worst), a.shape)) if a.dim() else ()
+    # RMS of the error over RMS of the reference: one number for "how wrong overall"
+    rms_rel = err[~both_nan].square().mean().sqrt() / e[~both_nan].square().mean().sqrt()
+    lines = [
+        f"{name}: {bad.shape[0]} of {a.numel()} elements differ (shape {tuple(a.shape)}, "
+        f"{actual.dtype} vs {expected.dtype}, atol={atol:g}, rtol={rtol:g})",
+        f"  max abs error {finite.flatten()[worst].item():.3e} "
+        f"at {tuple(int(i) for i in worst_idx)}",
+        f"  RMS relative error {rms_rel.item():.3e}",
+    ]
+    for idx in bad[:_SHOW].tolist():
+        i = tuple(idx)
+        lines.append(f"  at {i}: actual {a[i].item():.8g}, expected {e[i].item():.8g}")
+    if bad.shape[0] > _SHOW:
+        lines.append(f"  ... and {bad.shape[0] - _SHOW} more")
+    raise AssertionError("\n".join(lines))
