@@ -1,0 +1,135 @@
+"""Compile Triton kernels for NVIDIA GPUs on a machine without one, and read their resources.
+
+``triton.compile`` with an explicit ``GPUTarget`` runs the whole pipeline (TTIR -> TTGIR -> LLVM ->
+PTX -> cubin through the bundled ptxas) without a driver, and the bundled ``cuobjdump`` reports
+registers, stack and spills. That catches GPU-only failures the interpreter cannot see (lowering
+errors, register spills at production block sizes).
+
+Under ``TRITON_INTERPRET=1`` (the CPU test suite) ``@triton.jit`` yields interpreter objects that
+cannot be compiled, so the jobs then run in one subprocess with the interpreter off.
+
+    job = CompileJob(my_kernel, {"x_ptr": "*fp32", "n": "i32"}, {"BLOCK": 128}, arch=90)
+    [usage] = compile_for_gpu([job])
+    assert usage.spill_bytes == 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import triton
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    """One kernel at one set of compile-time constants for one architecture.
+
+    ``signature`` maps every runtime argument to a Triton type (``"*fp32"``, ``"*bf16"``,
+    ``"*i32"``, ``"*i64"``, ``"i32"``, ``"i64"``, ``"fp32"``); ``constexprs`` gives every
+    ``tl.constexpr`` argument.
+    """
+
+    fn: object
+    signature: dict[str, str]
+    constexprs: dict[str, object] = field(default_factory=dict)
+    arch: int = 90
+    num_warps: int = 4
+
+    @property
+    def name(self) -> str:
+        return f"{_python_fn(self.fn).__name__}@sm_{self.arch}"
+
+
+@dataclass(frozen=True)
+class ResourceUsage:
+    name: str
+    registers: int
+    stack_bytes: int
+    spill_bytes: int  # LOCAL memory: register spills, must be 0 at production block sizes
+    shared_bytes: int
+
+
+def _python_fn(fn):
+    """The plain Python function behind a JITFunction or an InterpretedFunction."""
+    return getattr(fn, "fn", fn)
+
+
+def _cuobjdump() -> Path:
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not path.exists():
+        raise FileNotFoundError(f"cuobjdump not found at {path} (is this a CUDA build of triton?)")
+    return path
+
+
+def _parse_usage(text: str, name: str) -> ResourceUsage:
+    """Parse ``cuobjdump --dump-resource-usage`` (``REG:40 STACK:0 SHARED:0 LOCAL:0 ...``)."""
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    if "REG" not in fields:
+        raise RuntimeError(f"could not read resource usage of {name} from cuobjdump:\n{text}")
+    return ResourceUsage(name, int(fields["REG"]), int(fields.get("STACK", 0)),
+                         int(fields.get("LOCAL", 0)), int(fields.get("SHARED", 0)))
+
+
+def _compile_here(job: CompileJob) -> ResourceUsage:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = job.fn
+    signature = {**job.signature, **{name: "constexpr" for name in job.constexprs}}
+    constants = {(fn.arg_names.index(name),): value for name, value in job.constexprs.items()}
+    src = ASTSource(fn, signature, constants)
+    compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
+                              options={"num_warps": job.num_warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        out = subprocess.run([str(_cuobjdump()), "--dump-resource-usage", str(cubin)],
+                             capture_output=True, text=True, check=True)
+    return _parse_usage(out.stdout, job.name)
+
+
+def _to_wire(job: CompileJob) -> dict:
+    fn = _python_fn(job.fn)
+    return {**dataclasses.asdict(dataclasses.replace(job, fn=None)),
+            "module": fn.__module__, "qualname": fn.__name__}
+
+
+def _compile_in_subprocess(jobs: list[CompileJob]) -> list[ResourceUsage]:
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check"],
+                          input=json.dumps([_to_wire(j) for j in jobs]), env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"GPU compile check failed:\n{proc.stderr[-6000:]}")
+    return [ResourceUsage(**u) for u in json.loads(proc.stdout.splitlines()[-1])]
+
+
+def compile_for_gpu(jobs: list[CompileJob]) -> list[ResourceUsage]:
+    """Compile every job for its GPU architecture and return the resource usage of each."""
+    if any(type(j.fn).__name__ == "InterpretedFunction" for j in jobs):
+        return _compile_in_subprocess(jobs)
+    return [_compile_here(j) for j in jobs]
+
+
+def _main() -> None:
+    """Subprocess entry: JSON jobs on stdin, JSON usages as the last line of stdout."""
+    results = []
+    for wire in json.loads(sys.stdin.read()):
+        fn = getattr(importlib.import_module(wire.pop("module")), wire.pop("qualname"))
+        results.append(dataclasses.asdict(_compile_here(CompileJob(**{**wire, "fn": fn}))))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _main()
