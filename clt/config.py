@@ -285,7 +285,11 @@ class TrainConfig(_Section):
         "auto", description="'auto' uses CUDA when available."
     )
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="Autocast dtype of the forward pass."
+        "no", description="Autocast dtype of the forward pass (fp16 adds a gradient scaler)."
+    )
+    profile_steps: NonNegativeInt = Field(
+        0, description="Profile this many steps (after one warmup step) with torch.profiler and "
+        "write a Chrome trace to the run folder; 0 = off."
     )
 
 
@@ -576,7 +580,10 @@ def main_config(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Nam
         epilog=config_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("config", help="JSON config file (see configs/).")
+    parser.add_argument(
+        "config", nargs="?", default=None,
+        help="JSON config file (see configs/); optional with --resume (then RUN_DIR/config.json).",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -586,8 +593,11 @@ def main_config(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Nam
     )
     parser.add_argument("--resume", metavar="RUN_DIR", default=None, help="Run folder to resume.")
     args = parser.parse_args(argv)
+    if args.config is None and args.resume is None:
+        parser.error("a config file is required (or --resume RUN_DIR)")
+    config_path = args.config or Path(args.resume) / "config.json"
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(config_path, args.set)
     except ConfigError as exc:
         for line in str(exc).splitlines():
             print(f"config error: {line}", file=sys.stderr)

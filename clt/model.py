@@ -36,13 +36,16 @@ class Codes:
     indices: torch.Tensor
     pre: torch.Tensor | None = None
 
+    def fire_counts(self, n_features: int) -> torch.Tensor:
+        """``[L, F]`` how many tokens of the batch each feature fired on (value > 0)."""
+        L = self.values.shape[0]
+        counts = torch.zeros(L, n_features, dtype=torch.int64, device=self.values.device)
+        active = (self.values.detach() > 0).to(torch.int64).flatten(1)
+        return counts.scatter_add_(1, self.indices.long().flatten(1), active)
+
     def fired(self, n_features: int) -> torch.Tensor:
         """``[L, F]`` bool: which features had a positive value anywhere in the batch."""
-        L = self.values.shape[0]
-        hit = torch.zeros(L, n_features, dtype=torch.int64, device=self.values.device)
-        counts = (self.values.detach() > 0).to(torch.int64).flatten(1)
-        hit.scatter_add_(1, self.indices.long().flatten(1), counts)
-        return hit > 0
+        return self.fire_counts(n_features) > 0
 
     def l0(self) -> torch.Tensor:
         """``[L]`` mean number of active (positive) features per token."""

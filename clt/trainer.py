@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,8 +17,8 @@ from typing import Protocol
 import torch
 
 from .config import Config, TrainConfig, save_config
-from .losses import LossOutput, LossWeights, compute_losses
-from .model import CrossLayerTranscoder
+from .losses import LossOutput, LossWeights, compute_losses, total_variance
+from .model import Codes, CrossLayerTranscoder
 
 
 class ActivationStream(Protocol):
@@ -101,6 +102,14 @@ def standardized_batches(
         yield model.standardizer.inputs(x), model.standardizer.targets(y)
 
 
+def autocast(device: torch.device, mixed_precision: str):
+    """Autocast context for the forward pass (``"no"``: a no-op)."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def train_step(
     model: CrossLayerTranscoder,
     optimizer: torch.optim.Optimizer,
@@ -109,32 +118,91 @@ def train_step(
     weights: LossWeights,
     step: int,
     tcfg: TrainConfig,
+    scaler: torch.amp.GradScaler | None = None,
+    counter: FiringCounter | None = None,
 ) -> dict[str, torch.Tensor]:
     """One optimizer step over ``grad_accum`` micro-batches; returns detached metric tensors
-    (no host sync here: the caller decides when to read them)."""
+    (no host sync here: the caller decides when to read them, e.g. ``nonfinite``)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, torch.Tensor] = {}
+    device = model.W_enc.device
     for _ in range(tcfg.grad_accum):
         x, y = next(batches)
-        out = compute_losses(model, x, y, weights, step)
-        (out.total / tcfg.grad_accum).backward()
+        with autocast(device, tcfg.mixed_precision):
+            out = compute_losses(model, x, y, weights, step)
+        loss = out.total / tcfg.grad_accum
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         model.update_dead_stats(out.codes)
-        for name, value in _metrics(out).items():
+        if counter is not None:
+            counter.update(out.codes)
+        for name, value in _metrics(out, y).items():
             sums[name] = sums.get(name, 0) + value / tcfg.grad_accum
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if tcfg.grad_clip is not None:
         sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     scheduler.step()
     return sums
 
 
-def _metrics(out: LossOutput) -> dict[str, torch.Tensor]:
-    metrics = {"loss": out.total.detach()}
+def _metrics(out: LossOutput, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    total = out.total.detach()
+    metrics = {"loss": total, "nonfinite": (~torch.isfinite(total)).float()}
     metrics.update({f"loss/{k}": v.detach() for k, v in out.terms.items()})
     metrics["fvu"] = out.fvu
+    err = (y.detach() - out.yhat.detach()).float().pow(2).sum()
+    metrics["fvu_total"] = err / total_variance(y.detach().float()).sum()
     metrics["l0"] = out.codes.l0()
     return metrics
+
+
+class FiringCounter:
+    """How often each feature fired since the last read, for the frequency histogram."""
+
+    def __init__(self, n_layers: int, n_features: int, device: torch.device) -> None:
+        self.counts = torch.zeros(n_layers, n_features, device=device)
+        self.tokens = 0
+
+    @torch.no_grad()
+    def update(self, codes: Codes) -> None:
+        self.counts += codes.fire_counts(self.counts.shape[1])
+        self.tokens += codes.values.shape[1]
+
+    def read_and_reset(self) -> torch.Tensor:
+        """``[L, F]`` firing frequency (fires per token) over the window; resets the window."""
+        freq = self.counts / max(self.tokens, 1)
+        self.counts = torch.zeros_like(self.counts)
+        self.tokens = 0
+        return freq
+
+    def state_dict(self) -> dict:
+        return {"counts": self.counts, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts = state["counts"].to(self.counts.device)
+        self.tokens = state["tokens"]
+
+
+# log10 frequency bins of the feature-density histogram: never fired, then decades up to 1
+FREQ_BIN_EDGES = [-8, -7, -6, -5, -4, -3, -2, -1, 0]
+
+
+def frequency_histogram(freq: torch.Tensor) -> dict[str, float]:
+    """Fraction of features per log10-frequency decade (``[-inf]`` = never fired in the window)."""
+    flat = freq.flatten().double().cpu()
+    out = {"freq_hist/never": float((flat == 0).double().mean())}
+    log = flat[flat > 0].log10()
+    lo = float("-inf")
+    for edge in FREQ_BIN_EDGES:
+        out[f"freq_hist/le_1e{edge}"] = float(((log > lo) & (log <= edge)).sum()) / flat.numel()
+        lo = edge
+    return out
 
 
 @torch.no_grad()
@@ -158,7 +226,7 @@ def evaluate(
         tokens += x.shape[1]
     model.train(was_training)
     var = y_sq - y_sum.pow(2).sum(dim=-1) / tokens
-    return {"eval/fvu": err / var, "eval/l0": l0 / tokens}
+    return {"eval/fvu": err / var, "eval/fvu_total": err.sum() / var.sum(), "eval/l0": l0 / tokens}
 
 
 class MetricsLog:
@@ -175,8 +243,11 @@ class MetricsLog:
                 mode=cfg.logging.wandb_mode, config=cfg.model_dump(mode="json"),
             )
 
-    def log(self, step: int, metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
-        flat = flatten_metrics(metrics)
+    def log(
+        self, step: int, metrics: dict[str, torch.Tensor | float],
+        extra: dict[str, float] | None = None,
+    ) -> dict[str, float]:
+        flat = {**flatten_metrics(metrics), **(extra or {})}
         self.file.write(json.dumps({"step": step, **flat}) + "\n")
         if self.wandb is not None:
             self.wandb.log(flat, step=step)
@@ -207,15 +278,3 @@ def make_run_dir(cfg: Config) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.json")
     return run_dir
-
-
-def save_checkpoint(run_dir: Path, step: int, keep_last: int, state: dict) -> Path:
-    """Write ``step_{step}.pt`` atomically (a kill mid-write leaves earlier checkpoints intact),
-    then delete all but the newest ``keep_last``."""
-    path = run_dir / f"step_{step:08d}.pt"
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    for old in sorted(run_dir.glob("step_*.pt"))[:-keep_last]:
-        old.unlink()
-    return path

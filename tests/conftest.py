@@ -17,7 +17,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402  (after the environment: torch may pull in triton)
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny shapes: threads only add overhead (8x slower on a busy machine)
 
 
 @pytest.fixture(autouse=True)

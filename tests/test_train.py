@@ -21,6 +21,12 @@ from clt.trainer import (
 PLANTED = {"n_layers": 3, "d_in": 32, "d_out": 32, "n_true_features": 48, "active_per_layer": 3}
 
 
+@pytest.fixture(autouse=True)
+def torch_ops(monkeypatch):
+    """Hundreds of training steps: run the torch paths, not Triton through the interpreter."""
+    monkeypatch.setenv("CLT_FORCE_TORCH", "1")
+
+
 def planted_config(kind: str, **overrides):
     k = {"k": 4} if kind in ("topk", "batchtopk") else {}
     loss = {"sparsity_coef": 0.5, "sparsity_warmup_steps": 100} if kind == "jumprelu" else {}

@@ -1,0 +1,169 @@
+"""train.py end to end: every nonlinearity, exact resume, atomic checkpoints, divergence, errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import clt.checkpoint
+import clt.trainer
+import train
+from clt.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SYNTHETIC = {"n_layers": 3, "d_in": 16, "d_out": 12, "n_true_features": 24, "active_per_layer": 2}
+
+
+@pytest.fixture(autouse=True)
+def torch_ops(monkeypatch):
+    """The trainer's logic is under test here, not the kernels (tested on their own): run the
+    torch paths instead of Triton-through-the-interpreter to keep these end-to-end runs fast."""
+    monkeypatch.setenv("CLT_FORCE_TORCH", "1")
+
+
+def write_config(tmp_path: Path, kind: str = "topk", source: str = "synthetic", **sections):
+    k = {"k": 3} if kind in ("topk", "batchtopk") else {}
+    data = ({"source": "synthetic", "synthetic": SYNTHETIC, "standardize_tokens": 512}
+            if source == "synthetic" else
+            {"source": "lm", "standardize_tokens": 256,
+             "lm": {"name": "tiny", "tiny_n_layers": 2, "tiny_d_model": 32, "tiny_d_mlp": 64,
+                    "seq_len": 17, "buffer_tokens": 512, "lm_batch_size": 4}})
+    raw = {
+        "model": {"n_features": 32},
+        "nonlinearity": {"kind": kind, **k},
+        "loss": {"sparsity_coef": 0.1} if kind in ("jumprelu", "relu") else {"dead_tokens": 64},
+        "data": data,
+        "train": {"steps": 8, "batch_tokens": 64, "lr": 3e-3, "device": "cpu"},
+        "logging": {"wandb_mode": "disabled", "every": 2, "run_dir": str(tmp_path / "runs"),
+                    "run_name": "run"},
+        "eval": {"every": 4, "tokens": 128},
+        "checkpoint": {"every": 3, "keep_last": 2},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    return path, tmp_path / "runs" / "run"
+
+
+def final_state(run_dir: Path) -> dict:
+    return torch.load(sorted(run_dir.glob("step_*.pt"))[-1], weights_only=False)
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "jumprelu", "relu"])
+def test_end_to_end_each_nonlinearity(tmp_path, kind, capsys):
+    config, run_dir = write_config(tmp_path, kind)
+    train.main([str(config)])
+    assert sorted(p.name for p in run_dir.glob("step_*.pt")) == ["step_00000006.pt",
+                                                                   "step_00000008.pt"]
+    assert load_config(run_dir / "config.json") == load_config(config)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [2, 4, 6, 8]
+    assert {"fvu_total", "l0/mean", "dead_fraction/mean", "lr", "tokens_per_s",
+            "freq_hist/never"} <= set(lines[-2])
+    assert "held-out FVU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("source", ["synthetic", "lm"])
+def test_resume_is_bit_exact(tmp_path, source, monkeypatch):
+    full_cfg, full_dir = write_config(tmp_path / "full", "batchtopk", source)
+    train.main([str(full_cfg)])
+
+    cut_cfg, cut_dir = write_config(tmp_path / "cut", "batchtopk", source)
+    real_step = clt.trainer.train_step
+
+    def killed_after_5(*args, **kwargs):
+        if args[5] == 5:  # 0-based step index: the 6th step never happens
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", killed_after_5)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([str(cut_cfg)])
+    assert final_state(cut_dir)["step"] == 3
+    monkeypatch.setattr(train, "train_step", real_step)
+    train.main(["--resume", str(cut_dir)])
+
+    full, resumed = final_state(full_dir), final_state(cut_dir)
+    assert resumed["step"] == full["step"] == 8
+    for name, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    assert torch.equal(full["counter"]["counts"], resumed["counter"]["counts"])
+
+
+def test_resume_refuses_a_different_shape(tmp_path, capsys):
+    config, run_dir = write_config(tmp_path)
+    train.main([str(config)])
+    with pytest.raises(SystemExit) as exc:
+        train.main([str(config), "--resume", str(run_dir), "--set", "model.n_features=64"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.n_features: checkpoint has 32, config has 64" in err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        train.main([str(config), "--resume", str(tmp_path / "empty")])
+    assert exc.value.code == 2 and "no checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--resume", str(tmp_path / "nowhere")])
+    assert exc.value.code == 2 and "nowhere/config.json" in capsys.readouterr().err
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    config, run_dir = write_config(tmp_path, checkpoint={"every": 3, "keep_last": 1})
+    real_save = torch.save
+    calls = []
+
+    def crash_on_second(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"half a checkpoint")
+            raise OSError("disk full")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(clt.checkpoint.torch, "save", crash_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        train.main([str(config)])
+    monkeypatch.setattr(clt.checkpoint.torch, "save", real_save)
+    assert [p.name for p in run_dir.glob("step_*.pt")] == ["step_00000003.pt"]
+    assert clt.checkpoint.load_checkpoint(run_dir / "step_00000003.pt")["step"] == 3
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(
+    tmp_path, monkeypatch, capsys
+):
+    config, run_dir = write_config(tmp_path)
+    real = clt.trainer.compute_losses
+
+    def nan_from_step_4(model, x, y, weights, step):
+        out = real(model, x, y, weights, step)
+        if step >= 4:
+            out.total = out.total * float("nan")
+        return out
+
+    monkeypatch.setattr(clt.trainer, "compute_losses", nan_from_step_4)
+    with pytest.raises(SystemExit) as exc:
+        train.main([str(config)])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "NaN or inf at or before step 6" in err and "step_00000003.pt" in err
+    assert [p.name for p in run_dir.glob("step_*.pt")] == ["step_00000003.pt"]
+
+
+def test_wandb_offline_run_is_written(tmp_path):
+    config, run_dir = write_config(tmp_path, train={"steps": 2}, logging={"wandb_mode": "offline"})
+    train.main([str(config)])
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_bad_config_exits_2_without_traceback(tmp_path):
+    config, _ = write_config(tmp_path)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(config),
+                           "--set", "nonlinearity.k=1000"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert "config error: nonlinearity.k: must be <= model.n_features = 32" in proc.stderr
+    assert "Traceback" not in proc.stderr
