@@ -14,7 +14,7 @@ from clt.config import (
 )
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-PRESETS = sorted(CONFIGS.glob("*.json"))
+PRESETS = sorted(CONFIGS.glob("**/*.json"))
 
 # Small valid config on the default LM (smollm2-135m, 30 layers), training 4 of its layers.
 BASE = {
@@ -32,26 +32,35 @@ def base_file(tmp_path: Path) -> Path:
 
 
 def test_presets_exist():
-    assert {p.name for p in PRESETS} >= {
+    assert {str(p.relative_to(CONFIGS)) for p in PRESETS} >= {
         "topk-clt.json",
         "batchtopk-clt.json",
         "jumprelu-clt.json",
+        "jumprelu-plt.json",
+        "topk-plt.json",
         "relu-plt.json",
+        "sae.json",
+        "gpt2/topk-clt.json",
+        "gpt2/batchtopk-clt.json",
+        "gpt2/jumprelu-clt.json",
     }
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_preset_loads_and_round_trips(preset: Path, tmp_path: Path):
     cfg = load_config(preset)
-    assert cfg.n_layers == 6
+    # embedded presets: SmolLM2 layers 0-7; GPT-2 presets: all 12 layers
+    assert cfg.n_layers == (12 if preset.parent.name == "gpt2" else 8)
     saved = tmp_path / "saved.json"
     save_config(cfg, saved)
     assert load_config(saved) == cfg
 
 
 def test_preset_reaches():
-    assert load_config(CONFIGS / "topk-clt.json").resolved_reach == 6
-    assert load_config(CONFIGS / "relu-plt.json").resolved_reach == 1
+    assert load_config(CONFIGS / "topk-clt.json").resolved_reach == 8
+    for plt_ in ("relu-plt", "topk-plt", "jumprelu-plt", "sae"):
+        assert load_config(CONFIGS / f"{plt_}.json").resolved_reach == 1
+    assert load_config(CONFIGS / "sae.json").is_sae
 
 
 @pytest.mark.parametrize(

@@ -167,3 +167,15 @@ def test_bad_config_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "config error: nonlinearity.k: must be <= model.n_features = 32" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("kind, precision", [("topk", "bf16"), ("jumprelu", "fp16")])
+def test_mixed_precision_keeps_float32_master_weights(tmp_path, kind, precision):
+    config, run_dir = write_config(tmp_path, kind, train={"mixed_precision": precision,
+                                                           "steps": 3})
+    train.main([str(config)])
+    state = final_state(run_dir)
+    assert all(v.dtype == torch.float32 for k, v in state["model"].items()
+               if k in ("W_enc", "W_dec", "b_enc", "b_dec", "log_threshold"))
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert (state["scaler"] is not None) == (precision == "fp16")
