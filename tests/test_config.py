@@ -105,7 +105,11 @@ def test_parse_override_rejects_malformed(text: str):
     [
         ("train.steps=10", lambda c: c.train.steps, 10),
         ("train.lr=0.01", lambda c: c.train.lr, 0.01),
-        ("nonlinearity.rank_by_decoder_norm=true", lambda c: c.nonlinearity.rank_by_decoder_norm, True),
+        (
+            "nonlinearity.rank_by_decoder_norm=true",
+            lambda c: c.nonlinearity.rank_by_decoder_norm,
+            True,
+        ),
         ("model.layers=null", lambda c: c.model.layers, None),
         ("model.layers=[3,7]", lambda c: c.model.layers, [3, 7]),
         ("data.lm.name=gpt2", lambda c: c.data.lm.name, "gpt2"),
