@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
                     metrics["tokens"] = step * tcfg.batch_tokens
                     metrics["tokens_per_s"] = tokens / (time.perf_counter() - start)
                     flat = log.log(step, metrics, frequency_histogram(counter.read_and_reset()))
-                    progress.set_postfix(loss=f"{flat['loss']:.4g}", fvu=f"{flat['fvu_total']:.3f}",
+                    progress.set_postfix(tokens=f"{int(flat['tokens']):,}",
+                                         loss=f"{flat['loss']:.4g}", fvu=f"{flat['fvu_total']:.3f}",
                                          l0=f"{flat['l0/mean']:.1f}",
                                          tok_s=f"{flat['tokens_per_s']:.0f}")
                 if step % cfg.eval.every == 0 or last:
