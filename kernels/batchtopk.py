@@ -1,24 +1,139 @@
-"""Exact BatchTopK selection (torch path).
+"""Exact BatchTopK selection: Triton radix select and the torch path.
 
 Keep the ``m`` largest pre-activations of a whole batch: ``m = N * k`` of each layer's ``[N, F]``
 (scope ``"layer"``) or ``m = L * N * k`` of all ``[L, N, F]`` (scope ``"global"``). The set is
 exactly what a dense descending sort would keep, with ties at the cut broken by the smaller flat
 index, so the result is deterministic. Kept values go through relu.
+
+Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``; float64 input takes the torch path): a
+radix select on order-preserving 32-bit keys of the fp32 values (``-0.0`` canonicalised to
+``+0.0`` so it ties with ``+0.0`` as in a sort), batched over segments (layers, or one global
+segment). Four passes of ``_radix_hist_kernel`` (grid ``(M / BLOCK, S)``) histogram the next 8 bits
+of the keys that share the already-fixed high bits (``tl.histogram`` per block, int32
+``atomic_add`` into ``[S, 256]``: integer, so deterministic); between passes a few torch ops on
+``[S, 256]`` pick the bin holding the ``r``-th largest remaining key, without a host sync. After
+four passes the cut key is exact and ``r`` is the number of ties at the cut to keep.
+``_tie_count_kernel`` counts ties per block, a torch cumsum turns that into each block's first
+tie rank, and ``_select_kernel`` writes ``key > cut or (key == cut and tie rank < r)``. Reads the
+input 6 times, no sort, no ``[S, M]`` index tensor.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
+from ._dispatch import use_triton
 from .codes import mask_to_codes
 
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+# ------------------------------------------------------------------------------------------------
 
-def exact_topk_mask(flat: torch.Tensor, m: int) -> torch.Tensor:
-    """Bool mask of the ``m`` largest entries of a 1-D tensor; ties go to the lower index."""
-    if not 0 < m <= flat.numel():
-        raise ValueError(f"cannot keep {m} of {flat.numel()} entries")
-    if torch.isnan(flat).any():
-        raise ValueError("BatchTopK input contains NaN")
+
+@triton.jit
+def _ukey(x):
+    """uint32 key whose unsigned order is the fp32 order (NaN excluded by the caller)."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 -> +0.0
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed order = float order
+    return (ordered ^ (-2147483647 - 1)).to(tl.uint32, bitcast=True)  # flip sign: unsigned order
+
+
+@triton.jit
+def _radix_hist_kernel(
+    x_ptr, prefix_ptr, hist_ptr,
+    M, shift, hi_mask,
+    BLOCK: tl.constexpr,
+):
+    """``hist[s, b] += #{i in block : key & hi_mask == prefix[s], (key >> shift) & 255 == b}``."""
+    pid = tl.program_id(0)
+    seg = tl.program_id(1).to(tl.int64)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < M
+    u = _ukey(tl.load(x_ptr + seg * M + offs, mask=ok, other=0.0).to(tl.float32))
+    prefix = tl.load(prefix_ptr + seg).to(tl.uint32)
+    match = ok & ((u & hi_mask.to(tl.uint32)) == prefix)
+    b = ((u >> shift.to(tl.uint32)) & 255).to(tl.int32)
+    h = tl.histogram(b, 256, mask=match)
+    tl.atomic_add(hist_ptr + seg * 256 + tl.arange(0, 256), h)
+
+
+@triton.jit
+def _tie_count_kernel(x_ptr, cut_ptr, count_ptr, M, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    seg = tl.program_id(1).to(tl.int64)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < M
+    u = _ukey(tl.load(x_ptr + seg * M + offs, mask=ok, other=0.0).to(tl.float32))
+    cut = tl.load(cut_ptr + seg).to(tl.uint32)
+    ties = tl.sum((ok & (u == cut)).to(tl.int32), axis=0)
+    tl.store(count_ptr + seg * tl.num_programs(0) + pid, ties)
+
+
+@triton.jit
+def _select_kernel(x_ptr, cut_ptr, need_ptr, base_ptr, mask_ptr, M, BLOCK: tl.constexpr):
+    """``mask = key > cut | (key == cut & tie rank < need)``; ``base`` = ties in earlier blocks."""
+    pid = tl.program_id(0)
+    seg = tl.program_id(1).to(tl.int64)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < M
+    u = _ukey(tl.load(x_ptr + seg * M + offs, mask=ok, other=0.0).to(tl.float32))
+    cut = tl.load(cut_ptr + seg).to(tl.uint32)
+    need = tl.load(need_ptr + seg)
+    tie = ok & (u == cut)
+    rank = tl.load(base_ptr + seg * tl.num_programs(0) + pid) + tl.cumsum(tie.to(tl.int64), 0) - 1
+    sel = (u > cut) | (tie & (rank < need))
+    tl.store(mask_ptr + seg * M + offs, sel.to(tl.int8), mask=ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host launcher
+# ------------------------------------------------------------------------------------------------
+
+BLOCK_GPU, BLOCK_INTERP = 4096, 256
+NUM_WARPS = 8
+
+
+def select_mask(x: torch.Tensor, m: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[S, M]`` bool mask of the ``m`` largest of each row of ``x [S, M]`` (fp32/bf16/fp16,
+    no NaN), ties to the lower index; ``out`` an optional ``[S, M]`` int8 buffer."""
+    S, M = x.shape
+    x = x.contiguous()
+    dev = x.device
+    BLOCK = BLOCK_GPU if x.is_cuda else BLOCK_INTERP
+    grid = (triton.cdiv(M, BLOCK), S)
+    # prefix / need as int64 so the uint32 bit patterns above 2**31 stay positive in torch
+    prefix = torch.zeros(S, dtype=torch.int64, device=dev)
+    need = torch.full((S,), m, dtype=torch.int64, device=dev)
+    for shift in (24, 16, 8, 0):
+        hist = torch.zeros(S, 256, dtype=torch.int32, device=dev)
+        hi_mask = (0xFFFFFFFF << (shift + 8)) & 0xFFFFFFFF  # the bits fixed by earlier passes
+        _radix_hist_kernel[grid](
+            x, prefix, hist, M, shift, hi_mask, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )
+        # at_or_above[s, b]: matching keys whose next 8 bits are >= b
+        at_or_above = hist.long().flip(1).cumsum(1).flip(1)
+        b = (at_or_above >= need[:, None]).sum(1) - 1  # largest bin still holding the need-th
+        above = torch.where(b < 255, at_or_above.gather(1, (b + 1).clamp(max=255)[:, None])[:, 0],
+                            torch.zeros_like(b))
+        need = need - above
+        prefix = prefix | (b << shift)
+    cut = prefix  # [S] int64 holding the uint32 key of the m-th largest value
+    counts = torch.empty(S, grid[0], dtype=torch.int32, device=dev)
+    _tie_count_kernel[grid](x, cut, counts, M, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    base = (counts.long().cumsum(1) - counts.long()).contiguous()  # ties in earlier blocks
+    mask = out if out is not None else torch.empty(S, M, dtype=torch.int8, device=dev)
+    _select_kernel[grid](x, cut, need, base, mask, M, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return mask.view(torch.bool)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch path and the public op
+# ------------------------------------------------------------------------------------------------
+
+
+def _torch_topk_mask(flat: torch.Tensor, m: int) -> torch.Tensor:
     cut = torch.topk(flat, m, sorted=False).values.min()
     mask = flat > cut
     need = m - int(mask.sum())
@@ -27,17 +142,42 @@ def exact_topk_mask(flat: torch.Tensor, m: int) -> torch.Tensor:
     return mask
 
 
+def _triton_ok(x: torch.Tensor) -> bool:
+    return use_triton(x) and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check(flat: torch.Tensor, m: int) -> None:
+    if not 0 < m <= flat.numel():
+        raise ValueError(f"cannot keep {m} of {flat.numel()} entries")
+    if torch.isnan(flat).any():
+        raise ValueError("BatchTopK input contains NaN")
+
+
+def exact_topk_mask(flat: torch.Tensor, m: int) -> torch.Tensor:
+    """Bool mask of the ``m`` largest entries of a 1-D tensor; ties go to the lower index."""
+    _check(flat, m)
+    if _triton_ok(flat):
+        return select_mask(flat.view(1, -1), m).view(-1)
+    return _torch_topk_mask(flat, m)
+
+
 def batchtopk_mask(pre: torch.Tensor, k: int, scope: str) -> torch.Tensor:
     """``[L, N, F]`` bool mask of the BatchTopK winners."""
     L, N, F = pre.shape
     detached = pre.detach()
+    if scope not in ("layer", "global"):
+        raise ValueError(f"BatchTopK scope must be 'layer' or 'global', got {scope!r}")
+    S, m = (L, N * k) if scope == "layer" else (1, L * N * k)
+    _check(detached.flatten(), m if scope == "global" else N * k)
+    if m > detached.numel() // S:
+        raise ValueError(f"cannot keep {m} of {detached.numel() // S} entries")
+    if _triton_ok(detached):
+        # one batched select over all segments (layers, or the one global segment)
+        return select_mask(detached.reshape(S, -1), m).view(L, N, F)
     if scope == "layer":
-        return torch.stack([exact_topk_mask(detached[l].flatten(), N * k) for l in range(L)]).view(
-            L, N, F
-        )
-    if scope == "global":
-        return exact_topk_mask(detached.flatten(), L * N * k).view(L, N, F)
-    raise ValueError(f"BatchTopK scope must be 'layer' or 'global', got {scope!r}")
+        rows = [_torch_topk_mask(detached[layer].flatten(), m) for layer in range(L)]
+        return torch.stack(rows).view(L, N, F)
+    return _torch_topk_mask(detached.flatten(), m).view(L, N, F)
 
 
 def batchtopk(

@@ -1,17 +1,131 @@
-"""JumpReLU with the rectangle straight-through estimator (torch path).
+"""JumpReLU with the rectangle straight-through estimator: Triton kernels and the torch path.
 
 ``theta = exp(log_theta)`` per (layer, feature), in float32. Forward ``a = pre * H(pre - theta)``.
 Backward (Rajamanoharan et al., 2024): ``da/dpre = H(pre - theta)`` and
 ``da/dtheta = -(theta / eps) * rect((pre - theta) / eps)`` where ``rect(u) = 1`` for ``|u| < 1/2``;
 the step ``H(pre - theta)`` (for an L0 penalty) gets ``dH/dtheta = -(1 / eps) * rect(...)`` and no
 gradient in ``pre``. Threshold gradients are chained through ``log_theta`` (``* theta``).
+
+Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``; float64 ``pre`` or ``log_theta`` take the
+torch path): ``theta`` is computed once on the host side with torch's ``exp`` (``[L, F]``, tiny) so
+both paths compare against bit-identical thresholds. ``_jumprelu_fwd_kernel`` is elementwise over
+``[BLOCK_N, BLOCK_F]`` tiles of one layer (grid ``(F / BLOCK_F, N / BLOCK_N, L)``) and writes ``a``
+and/or ``H``. ``_jumprelu_bwd_kernel`` writes ``grad_pre`` and per-program partial sums
+``sum_n g * rect`` into ``[L, N / BLOCK_N, F]``; a torch sum over the middle axis (fixed order,
+deterministic) and the ``-theta^2 / eps`` (or ``-theta / eps`` for the step) factor finish
+``grad_log_theta``. The tanh / pre-activation loss terms are not fused here.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
+from ._dispatch import use_triton
 from .codes import mask_to_codes
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _jumprelu_fwd_kernel(
+    pre_ptr, theta_ptr, a_ptr, h_ptr,
+    N, F,
+    WRITE_A: tl.constexpr, WRITE_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    pid_f = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    layer = tl.program_id(2).to(tl.int64)
+    cols = pid_f.to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = (rows[:, None] < N) & (cols[None, :] < F)
+    offs = (layer * N + rows[:, None]) * F + cols[None, :]
+    pre = tl.load(pre_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    theta = tl.load(theta_ptr + layer * F + cols, mask=cols < F, other=0.0)
+    on = pre > theta[None, :]
+    if WRITE_A:
+        tl.store(a_ptr + offs, tl.where(on, pre, 0.0).to(a_ptr.dtype.element_ty), mask=m)
+    if WRITE_H:
+        tl.store(h_ptr + offs, tl.where(on, 1.0, 0.0).to(h_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _jumprelu_bwd_kernel(
+    g_ptr, pre_ptr, theta_ptr, gpre_ptr, part_ptr,
+    N, F, half_eps,
+    WRITE_GPRE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """``grad_pre = g * H(pre - theta)``; ``part[l, pid_n, f] = sum_{n in block} g * rect``."""
+    pid_f = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    layer = tl.program_id(2).to(tl.int64)
+    cols = pid_f.to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = (rows[:, None] < N) & (cols[None, :] < F)
+    offs = (layer * N + rows[:, None]) * F + cols[None, :]
+    pre = tl.load(pre_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    theta = tl.load(theta_ptr + layer * F + cols, mask=cols < F, other=0.0)[None, :]
+    if WRITE_GPRE:
+        tl.store(gpre_ptr + offs, tl.where(pre > theta, g, 0.0).to(gpre_ptr.dtype.element_ty),
+                 mask=m)
+    # same arithmetic as the torch path: |pre - theta| < eps / 2 in fp32
+    inside = (tl.abs(pre - theta) < half_eps) & m
+    part = tl.sum(tl.where(inside, g, 0.0), axis=0)
+    n_blocks = tl.num_programs(1)
+    tl.store(part_ptr + (layer * n_blocks + pid_n) * F + cols, part, mask=cols < F)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host launchers
+# ------------------------------------------------------------------------------------------------
+
+# elementwise tiles: 32 x 128 fp32 = 16 KB per operand per program, 4 warps, no spills
+BLOCKS = dict(BLOCK_N=32, BLOCK_F=128, num_warps=4)
+
+
+def _grid(L: int, N: int, F: int) -> tuple[int, int, int]:
+    return (triton.cdiv(F, BLOCKS["BLOCK_F"]), triton.cdiv(N, BLOCKS["BLOCK_N"]), L)
+
+
+def jumprelu_fwd(pre, theta, write_a=True, write_h=False, out=None):
+    """``(a, H)`` (``None`` where not asked) of contiguous ``pre [L, N, F]``, fp32 ``theta [L, F]``.
+    """
+    L, N, F = pre.shape
+    a, h = out if out is not None else (
+        torch.empty_like(pre) if write_a else None, torch.empty_like(pre) if write_h else None
+    )
+    _jumprelu_fwd_kernel[_grid(L, N, F)](
+        pre, theta, a if write_a else pre, h if write_h else pre, N, F,
+        WRITE_A=write_a, WRITE_H=write_h, **BLOCKS,
+    )
+    return a, h
+
+
+def jumprelu_bwd(grad, pre, theta, eps, step=False, need_pre=True, out=None):
+    """``(grad_pre or None, grad_log_theta fp32 [L, F])`` of ``a`` (or of ``H`` with ``step``)."""
+    L, N, F = pre.shape
+    grad = grad.contiguous()
+    grid = _grid(L, N, F)
+    grad_pre = (out if out is not None else torch.empty_like(pre)) if need_pre else None
+    part = torch.empty(L, grid[1], F, device=pre.device, dtype=torch.float32)
+    half_eps = float(torch.tensor(eps / 2, dtype=torch.float32))
+    _jumprelu_bwd_kernel[grid](
+        grad, pre, theta, grad_pre if need_pre else pre, part, N, F, half_eps,
+        WRITE_GPRE=need_pre, **BLOCKS,
+    )
+    # d/dlog_theta = theta * d/dtheta; d/dtheta = -(theta / eps) * rect (a) or -(1 / eps) (H)
+    coef = theta / eps if not step else torch.ones_like(theta) / eps
+    return grad_pre, -(coef * part.sum(dim=1)) * theta
+
+
+# ------------------------------------------------------------------------------------------------
+# torch path and autograd
+# ------------------------------------------------------------------------------------------------
 
 
 def _theta(log_theta: torch.Tensor) -> torch.Tensor:
@@ -23,39 +137,48 @@ def _rect(pre: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
     return ((pre - theta).abs() < eps / 2).to(pre.dtype)
 
 
+def _triton_ok(pre: torch.Tensor, log_theta: torch.Tensor) -> bool:
+    """float64 ``pre`` or thresholds (references, gradcheck) take the torch path."""
+    return (
+        use_triton(pre, log_theta)
+        and pre.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and log_theta.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    )
+
+
 class JumpReLUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pre, log_theta, eps):
+    def forward(ctx, pre, log_theta, eps, step):
         theta = _theta(log_theta)
+        ctx.eps, ctx.theta_dtype, ctx.step = eps, log_theta.dtype, step
+        ctx.triton = _triton_ok(pre, log_theta)
+        if ctx.triton:
+            pre = pre.contiguous()
+            a, h = jumprelu_fwd(pre, theta.squeeze(1).contiguous(), write_a=not step,
+                                write_h=step)
+            out = h if step else a
+        else:
+            out = (pre > theta).to(pre.dtype) if step else pre * (pre > theta)
         ctx.save_for_backward(pre, theta)
-        ctx.eps, ctx.theta_dtype = eps, log_theta.dtype
-        return pre * (pre > theta)
+        return out
 
     @staticmethod
-    def backward(ctx, grad_a):
+    def backward(ctx, grad_out):
         pre, theta = ctx.saved_tensors
-        grad_pre = grad_a * (pre > theta) if ctx.needs_input_grad[0] else None
+        need_pre = ctx.needs_input_grad[0] and not ctx.step
+        if ctx.triton:
+            grad_pre, g_lt = jumprelu_bwd(grad_out, pre, theta.squeeze(1).contiguous(), ctx.eps,
+                                          step=ctx.step, need_pre=need_pre)
+            g_lt = g_lt.to(ctx.theta_dtype) if ctx.needs_input_grad[1] else None
+            return grad_pre, g_lt, None, None
+        grad_pre = grad_out * (pre > theta) if need_pre else None
         grad_log_theta = None
         if ctx.needs_input_grad[1]:
             # chain rule through theta = exp(log_theta): d/dlog_theta = theta * d/dtheta
-            dtheta = -(theta / ctx.eps) * _rect(pre, theta, ctx.eps) * grad_a
+            coef = (1.0 / ctx.eps) if ctx.step else (theta / ctx.eps)
+            dtheta = -coef * _rect(pre, theta, ctx.eps) * grad_out
             grad_log_theta = (dtheta.sum(dim=1) * theta.squeeze(1)).to(ctx.theta_dtype)
-        return grad_pre, grad_log_theta, None
-
-
-class JumpReLUStepFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pre, log_theta, eps):
-        theta = _theta(log_theta)
-        ctx.save_for_backward(pre, theta)
-        ctx.eps, ctx.theta_dtype = eps, log_theta.dtype
-        return (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_h):
-        pre, theta = ctx.saved_tensors
-        dtheta = -(1.0 / ctx.eps) * _rect(pre, theta, ctx.eps) * grad_h
-        return None, (dtheta.sum(dim=1) * theta.squeeze(1)).to(ctx.theta_dtype), None
+        return grad_pre, grad_log_theta, None, None
 
 
 def _check(pre: torch.Tensor, log_theta: torch.Tensor, eps: float) -> None:
@@ -69,15 +192,18 @@ def _check(pre: torch.Tensor, log_theta: torch.Tensor, eps: float) -> None:
 
 
 def jumprelu(pre: torch.Tensor, log_theta: torch.Tensor, eps: float) -> torch.Tensor:
-    """``pre * H(pre - exp(log_theta))`` with the rectangle STE; ``pre [L, N, F]``, ``log_theta [L, F]``."""
+    """``pre * H(pre - exp(log_theta))`` with the rectangle STE.
+
+    ``pre [L, N, F]``, ``log_theta [L, F]``; returns ``a`` in ``pre``'s dtype.
+    """
     _check(pre, log_theta, eps)
-    return JumpReLUFunction.apply(pre, log_theta, eps)
+    return JumpReLUFunction.apply(pre, log_theta, eps, False)
 
 
 def jumprelu_step(pre: torch.Tensor, log_theta: torch.Tensor, eps: float) -> torch.Tensor:
     """``H(pre - exp(log_theta))`` with the STE threshold gradient (for an L0 penalty)."""
     _check(pre, log_theta, eps)
-    return JumpReLUStepFunction.apply(pre, log_theta, eps)
+    return JumpReLUFunction.apply(pre, log_theta, eps, True)
 
 
 def jumprelu_codes(
