@@ -1,4 +1,4 @@
-"""Sparse crosslayer decode: the torch path (specification and CPU implementation).
+"""Sparse crosslayer decode: Triton kernels (forward, backward) and the torch path.
 
 Source layer ``s`` writes to targets ``s .. s + R_s - 1`` with ``R_s = min(R, L - s)``. All
 decoder weights live in one contiguous row table ``W_dec [F * P, d_out]`` with ``P = sum_s R_s``:
@@ -6,11 +6,43 @@ source ``s`` owns rows ``F * P_s .. F * (P_s + R_s)`` (``P_s`` = rows of earlier
 as ``[F, R_s, d_out]`` so one feature's whole crosslayer write is contiguous (circuit-tracer's
 layout). The row of (source ``s``, feature ``f``, target ``t``) is ``F * P_s + f * R_s + t - s``.
 
-    out[t, n] = b_dec[t] + sum_{s <= t < s + R_s} sum_j values[s, n, j] * W_dec[s][indices[s, n, j], t - s]
+    out[t, n] = b_dec[t] + sum_{s <= t < s + R_s} sum_j v[s, n, j] * W_dec[s][idx[s, n, j], t - s]
 
-Only the rows named by the codes are read: per target, one ``embedding_bag`` over the
-concatenated slots of every source that reaches it, so nothing of size ``[N, F]`` exists and
-autograd keeps only the codes for backward.
+with ``v = values`` and ``idx = indices``.
+
+Backward, with ``row(s, n, j, t)`` the row above and ``g = grad_out``:
+
+    grad_values[s, n, j] = sum_{t = s}^{s + R_s - 1} <g[t, n], W_dec[row(s, n, j, t)]>
+    grad_W_dec[row]      = sum_{(s, n, j, t) -> row} values[s, n, j] * g[t, n]
+    grad_b_dec[t]        = sum_n g[t, n]
+
+Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``), fp32 accumulation, int64 offsets:
+
+- ``_decode_fwd_kernel``: one program per (block of tokens, target, block of d_out) loops over the
+  sources reaching its target and their K slots and gathers the named rows; slots holding 0
+  (padding) mask their row load, so they cost no memory traffic. No atomics.
+- ``_decode_bwd_kernel``: one program per (block of flattened (token, slot) entries, source) walks
+  the source's ``R_s`` targets and d_out, and reduces ``<g, W_row>`` into ``grad_values``. With
+  ``ATOMIC_GRAD_W`` it also ``atomic_add``s ``value * g`` into the rows (the fast, non
+  deterministic decoder gradient: the ``g`` tile is already in registers).
+- ``_decode_bwd_grad_w_kernel`` (deterministic decoder gradient, the default): the nonzero entries
+  are sorted by (source, feature) with a stable torch sort, ``searchsorted`` gives each feature's
+  segment, and one program per (feature, source, block of d_out) sums its segment in a fixed order
+  and writes all ``R_s`` rows of the feature (zeros for inactive features: every element of
+  ``grad_W_dec`` is written exactly once, no memset, no atomics, bitwise reproducible).
+
+Why deterministic is the default (argued from traffic; not yet timed on a GPU, the benchmark has
+both as ``triton`` / ``triton-atomic``): at GPT-2-small size (L=12, N=4096, k=16, d_out=768,
+F=8192, fp32) the active (token, slot, target) rows are ``N*k*L(L+1)/2*d_out*4`` B = 15.7 GB. The
+atomic variant reads them once and issues as many fp32 read-modify-writes into a 2 GB table that
+does not fit L2, after a 2 GB memset (~49 GB); the deterministic one reads them once, gathers as
+much of grad_out (151 MB, partly L2-resident) and writes the table once (~34 GB), and the
+training run is reproducible.
+
+Float64 inputs always take the torch path (the kernels compute in fp32; fp64 is for references
+and gradcheck). The torch path is the specification and the CPU path: per target, one
+``embedding_bag`` over the concatenated slots of every source that reaches it, so nothing of size
+``[N, F]`` exists and autograd keeps only the codes for backward.
 """
 
 from __future__ import annotations
@@ -20,6 +52,312 @@ from functools import cached_property
 
 import torch
 import torch.nn.functional as F_
+import triton
+import triton.language as tl
+
+from ._dispatch import interpreter_on, use_triton
+
+
+@triton.jit
+def _decode_fwd_kernel(
+    values_ptr,  # [L, N, K]
+    indices_ptr,  # [L, N, K]
+    W_ptr,  # [F * P, d_out]
+    b_ptr,  # [L, d_out] (unused without HAS_BIAS)
+    row_off_ptr,  # [L + 1] int64, first row of each source
+    out_ptr,  # [L, N, d_out]
+    N,
+    K,
+    d_out,
+    n_layers,
+    reach,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    t = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    offs_n = tl.cast(pid_n, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.cast(pid_d, tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_d = offs_d < d_out
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for s in range(tl.maximum(t - reach + 1, 0), t + 1):
+        R_s = tl.minimum(reach, n_layers - s)
+        # row of (s, f, t) = first row of s + f * R_s + (t - s)
+        base = tl.load(row_off_ptr + s) + (t - s)
+        code = (tl.cast(s, tl.int64) * N + offs_n) * K  # [BLOCK_N], slot 0 of each token
+        for j in range(K):
+            v = tl.load(values_ptr + code + j, mask=mask_n, other=0.0).to(tl.float32)
+            idx = tl.load(indices_ptr + code + j, mask=mask_n, other=0).to(tl.int64)
+            rows = base + idx * R_s
+            # padded slots (value 0) and tokens past N: masked load, no memory traffic
+            live = (v != 0.0)[:, None] & mask_d[None, :]
+            w = tl.load(W_ptr + rows[:, None] * d_out + offs_d[None, :], mask=live, other=0.0)
+            acc += v[:, None] * w.to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + tl.cast(t, tl.int64) * d_out + offs_d, mask=mask_d, other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    out_ptrs = out_ptr + (tl.cast(t, tl.int64) * N + offs_n[:, None]) * d_out + offs_d[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _decode_bwd_kernel(
+    values_ptr,  # [L, N, K]
+    indices_ptr,  # [L, N, K]
+    W_ptr,  # [F * P, d_out]
+    grad_out_ptr,  # [L, N, d_out]
+    row_off_ptr,  # [L + 1] int64
+    grad_values_ptr,  # [L, N, K]
+    grad_W_ptr,  # [F * P, d_out] fp32, zeroed (only with ATOMIC_GRAD_W)
+    N,
+    K,
+    d_out,
+    n_layers,
+    reach,
+    ATOMIC_GRAD_W: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    s = tl.program_id(1)
+    n_entries = tl.cast(N, tl.int64) * K
+    # entry m = n * K + j of source s
+    offs_m = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n_entries
+    code = tl.cast(s, tl.int64) * n_entries + offs_m
+    idx = tl.load(indices_ptr + code, mask=mask_m, other=0).to(tl.int64)
+    tok = offs_m // K
+    R_s = tl.minimum(reach, n_layers - s).to(tl.int64)
+    first = tl.load(row_off_ptr + s) + idx * R_s  # [BLOCK_M] row of target s
+    if ATOMIC_GRAD_W:
+        v = tl.load(values_ptr + code, mask=mask_m, other=0.0).to(tl.float32)
+        live = mask_m & (v != 0.0)
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for r in range(R_s):
+        rows = first + r
+        g_rows = tl.cast(s + r, tl.int64) * N + tok
+        for d0 in range(0, d_out, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < d_out
+            mask = mask_m[:, None] & mask_d[None, :]
+            w = tl.load(W_ptr + rows[:, None] * d_out + offs_d[None, :], mask=mask, other=0.0)
+            g = tl.load(grad_out_ptr + g_rows[:, None] * d_out + offs_d[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * g, axis=1)
+            if ATOMIC_GRAD_W:
+                tl.atomic_add(grad_W_ptr + rows[:, None] * d_out + offs_d[None, :],
+                              v[:, None] * g, mask=live[:, None] & mask_d[None, :], sem="relaxed")
+    tl.store(grad_values_ptr + code, acc.to(grad_values_ptr.dtype.element_ty), mask=mask_m)
+
+
+@triton.jit
+def _decode_bwd_grad_w_kernel(
+    values_ptr,  # [L, N, K]
+    grad_out_ptr,  # [L, N, d_out]
+    row_off_ptr,  # [L + 1] int64
+    perm_ptr,  # [L * N * K] int64, flattened entry ids sorted by (source, feature)
+    seg_ptr,  # [L * F + 1] int64, feature s * F + f owns perm[seg[i] : seg[i + 1]]
+    grad_W_ptr,  # [F * P, d_out]
+    N,
+    K,
+    F,
+    d_out,
+    n_layers,
+    reach,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    f = tl.program_id(0)
+    s = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    feat = tl.cast(s, tl.int64) * F + f
+    start = tl.load(seg_ptr + feat)
+    end = tl.load(seg_ptr + feat + 1)
+    R_s = tl.minimum(reach, n_layers - s).to(tl.int64)
+    row0 = tl.load(row_off_ptr + s) + tl.cast(f, tl.int64) * R_s
+    offs_d = tl.cast(pid_d, tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < d_out
+    for r in range(R_s):
+        g_base = tl.cast(s + r, tl.int64) * N
+        # a fixed summation order (sorted entries, fixed blocks): bitwise reproducible
+        acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
+        for e0 in range(start, end, BLOCK_E):
+            offs_e = e0 + tl.arange(0, BLOCK_E)
+            mask_e = offs_e < end
+            p = tl.load(perm_ptr + offs_e, mask=mask_e, other=0)
+            v = tl.load(values_ptr + p, mask=mask_e, other=0.0).to(tl.float32)
+            tok = (p // K) % N
+            g = tl.load(grad_out_ptr + (g_base + tok)[:, None] * d_out + offs_d[None, :],
+                        mask=mask_e[:, None] & mask_d[None, :], other=0.0)
+            acc += v[:, None] * g.to(tl.float32)
+        tl.store(grad_W_ptr + (row0 + r) * d_out + offs_d,
+                 tl.sum(acc, axis=0).to(grad_W_ptr.dtype.element_ty), mask=mask_d)
+
+
+# GPU block sizes (rows = tokens or (token, slot) entries per program, columns of d_out), from
+# the sm_90 compile check (registers at 4 warps, fp32 / bf16 W): every [rows, BLOCK_D] gathered
+# tile costs ~6 registers per element (a 64-bit address per element for W and grad_out), so
+# 16 x 128 keeps the forward and the grad_W reduction at ~96 registers; the fused backward holds
+# W, grad_out and the atomic target at once and needs 16 x 64 (~167 with atomics, 126 without;
+# 16 x 128 reaches 255 and a stack frame). tests/test_decode_triton.py holds all at 0 spills.
+# Under the interpreter every program is a Python loop: small blocks keep tiny shapes tiny.
+GPU_BLOCKS = {"fwd": (16, 128), "bwd": (16, 64), "grad_w": (16, 128)}
+INTERPRET_BLOCKS = (8, 32)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _blocks(
+    kernel: str, rows: int, d_out: int, block_rows: int | None, block_d: int | None
+) -> tuple[int, int]:
+    """``(BLOCK_ROWS, BLOCK_D)``: the per-kernel caps, shrunk to small problems, or overrides."""
+    cap_rows, cap_d = INTERPRET_BLOCKS if interpreter_on() else GPU_BLOCKS[kernel]
+    floor = 1 if interpreter_on() else 16
+    if block_rows is None:
+        block_rows = min(cap_rows, max(floor, triton.next_power_of_2(max(rows, 1))))
+    if block_d is None:
+        block_d = min(cap_d, max(floor, triton.next_power_of_2(max(d_out, 1))))
+    return block_rows, block_d
+
+
+_TABLES: dict[tuple[DecoderLayout, torch.device], tuple[torch.Tensor, ...]] = {}
+
+
+def _layout_tables(layout: DecoderLayout, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(row_offsets [L + 1], reach [L], feature_first_rows [L * F + 1])`` int64 on ``device``,
+    built once per (layout, device) so a step copies nothing to the GPU: the first row of each
+    source (and the total), each ``R_s``, and the first row of every (source, feature) in table
+    order followed by the row count (the segment boundaries the deterministic backward
+    searches for)."""
+    key = (layout, device)
+    if key not in _TABLES:
+        offsets = torch.tensor(layout.source_row_offsets, dtype=torch.int64)
+        reach = torch.tensor([layout.reach_of(s) for s in range(layout.n_layers)])
+        first = offsets[:-1, None] + torch.arange(layout.n_features) * reach[:, None]  # [L, F]
+        first = torch.cat([first.flatten(), offsets[-1:]])
+        _TABLES[key] = tuple(t.to(device) for t in (offsets, reach, first))
+    return _TABLES[key]
+
+
+def sparse_decode_fwd(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    layout: DecoderLayout,
+    *,
+    out: torch.Tensor | None = None,
+    block_n: int | None = None,
+    block_d: int | None = None,
+) -> torch.Tensor:
+    """Triton forward: ``[L, N, d_out]`` in ``W_dec``'s dtype (into ``out`` when given)."""
+    L, N, K = values.shape
+    d_out = W_dec.shape[1]
+    values, indices, W_dec = values.contiguous(), indices.contiguous(), W_dec.contiguous()
+    if out is None:
+        out = torch.empty(L, N, d_out, dtype=W_dec.dtype, device=W_dec.device)
+    row_off = _layout_tables(layout, W_dec.device)[0]
+    block_n, block_d = _blocks("fwd", N, d_out, block_n, block_d)
+    grid = (triton.cdiv(N, block_n), L, triton.cdiv(d_out, block_d))
+    _decode_fwd_kernel[grid](
+        values_ptr=values, indices_ptr=indices, W_ptr=W_dec,
+        b_ptr=W_dec if b_dec is None else b_dec.contiguous(), row_off_ptr=row_off, out_ptr=out,
+        N=N, K=K, d_out=d_out, n_layers=L, reach=layout.reach,
+        HAS_BIAS=b_dec is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+    )
+    return out
+
+
+def sparse_decode_bwd(
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    W_dec: torch.Tensor,
+    layout: DecoderLayout,
+    *,
+    need_values: bool = True,
+    need_W: bool = True,
+    deterministic: bool = True,
+    grad_values: torch.Tensor | None = None,
+    grad_W: torch.Tensor | None = None,
+    block_rows: int | None = None,
+    block_d: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Triton backward: ``(grad_values, grad_W_dec)``, each None when not needed.
+
+    ``grad_values`` / ``grad_W`` are optional output buffers (fully overwritten). The atomic
+    variant (``deterministic=False``) accumulates into a zeroed fp32 table of its own instead.
+    """
+    L, N, K = values.shape
+    d_out = W_dec.shape[1]
+    grad_out, values, indices = grad_out.contiguous(), values.contiguous(), indices.contiguous()
+    W_dec = W_dec.contiguous()
+    row_off, reach, feature_rows = _layout_tables(layout, W_dec.device)
+    atomic = need_W and not deterministic
+    gW_atomic = None
+    if atomic:
+        # fp32 accumulation target of the atomics, whatever W's dtype
+        gW_atomic = torch.zeros(W_dec.shape, dtype=torch.float32, device=W_dec.device)
+    if need_values or atomic:
+        if grad_values is None:
+            grad_values = torch.empty_like(values)
+        bm, bd = _blocks("bwd", N * K, d_out, block_rows, block_d)
+        grid = (triton.cdiv(N * K, bm), L)
+        _decode_bwd_kernel[grid](
+            values_ptr=values, indices_ptr=indices, W_ptr=W_dec, grad_out_ptr=grad_out,
+            row_off_ptr=row_off, grad_values_ptr=grad_values,
+            grad_W_ptr=gW_atomic if atomic else grad_values,
+            N=N, K=K, d_out=d_out, n_layers=L, reach=layout.reach,
+            ATOMIC_GRAD_W=atomic, BLOCK_M=bm, BLOCK_D=bd,
+        )
+    if not need_W:
+        return (grad_values if need_values else None), None
+    if atomic:
+        grad_W = gW_atomic.to(W_dec.dtype) if grad_W is None else grad_W.copy_(gW_atomic)
+        return (grad_values if need_values else None), grad_W
+    # deterministic: sort the nonzero entries by (source, feature); zeros carry no gradient and
+    # get the key n_rows, past every feature, so no segment holds them
+    keys = row_off[:L, None, None] + indices.long() * reach[:, None, None]  # [L, N, K]
+    keys = keys.masked_fill(values == 0, layout.n_rows).flatten()
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    seg = torch.searchsorted(sorted_keys, feature_rows)  # [L * F + 1]
+    if grad_W is None:
+        grad_W = torch.empty_like(W_dec)
+    be, bd = _blocks("grad_w", N * K, d_out, block_rows, block_d)
+    grid = (layout.n_features, L, triton.cdiv(d_out, bd))
+    _decode_bwd_grad_w_kernel[grid](
+        values_ptr=values, grad_out_ptr=grad_out, row_off_ptr=row_off, perm_ptr=perm,
+        seg_ptr=seg, grad_W_ptr=grad_W,
+        N=N, K=K, F=layout.n_features, d_out=d_out, n_layers=L, reach=layout.reach,
+        BLOCK_E=be, BLOCK_D=bd,
+    )
+    return (grad_values if need_values else None), grad_W
+
+
+class SparseDecodeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, indices, W_dec, b_dec, layout, deterministic):
+        ctx.save_for_backward(values, indices, W_dec)
+        ctx.layout, ctx.deterministic = layout, deterministic
+        ctx.b_dtype = None if b_dec is None else b_dec.dtype
+        return sparse_decode_fwd(values, indices, W_dec, b_dec, layout)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        need_v, _, need_w, need_b = ctx.needs_input_grad[:4]
+        # the gradient of a .sum() arrives expanded (stride 0): the kernels need it dense
+        grad_out = grad_out.contiguous()
+        grad_values, grad_W = None, None
+        if need_v or need_w:
+            grad_values, grad_W = sparse_decode_bwd(
+                grad_out, values, indices, W_dec, ctx.layout,
+                need_values=need_v, need_W=need_w, deterministic=ctx.deterministic,
+            )
+        grad_b = grad_out.sum(1, dtype=torch.float32).to(ctx.b_dtype) if need_b else None
+        return grad_values, None, grad_W, grad_b, None, None
 
 
 @dataclass(frozen=True)
@@ -106,8 +444,14 @@ def sparse_decode(
     W_dec: torch.Tensor,
     b_dec: torch.Tensor | None,
     layout: DecoderLayout,
+    *,
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """Decode sparse codes into crosslayer outputs.
+
+    Runs the Triton kernels on CUDA tensors (or on CPU under ``TRITON_INTERPRET=1``) when values,
+    W_dec and b_dec are fp32 or bf16, the torch path otherwise (float64 included, and always with
+    ``CLT_FORCE_TORCH=1``).
 
     Args:
         values: ``[L, N, K]`` code values; padded slots hold 0.
@@ -115,6 +459,8 @@ def sparse_decode(
         W_dec: ``[F * P, d_out]`` decoder row table (see :class:`DecoderLayout`).
         b_dec: ``[L, d_out]`` decoder bias, or None for a bias-free decode (AuxK).
         layout: the row layout of ``W_dec``.
+        deterministic: Triton backward of ``W_dec`` by a sorted segmented reduction (bitwise
+            reproducible, the default) instead of fp32 atomics.
 
     Returns:
         ``[L, N, d_out]`` outputs in ``W_dec``'s dtype.
@@ -127,6 +473,14 @@ def sparse_decode(
         raise ValueError(
             f"b_dec must be [{layout.n_layers}, {W_dec.shape[1]}], got {tuple(b_dec.shape)}"
         )
+    floats = [values, W_dec] + ([] if b_dec is None else [b_dec])
+    if (
+        use_triton(indices, *floats)
+        and all(t.dtype in KERNEL_DTYPES for t in floats)
+        and values.numel() > 0
+        and W_dec.shape[1] > 0
+    ):
+        return SparseDecodeFunction.apply(values, indices, W_dec, b_dec, layout, deterministic)
     return sparse_decode_torch(values, indices, W_dec, b_dec, layout)
 
 
