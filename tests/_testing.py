@@ -61,3 +61,37 @@ def assert_close(
     if bad.shape[0] > _SHOW:
         lines.append(f"  ... and {bad.shape[0] - _SHOW} more")
     raise AssertionError("\n".join(lines))
+
+
+def ref_first_row(L: int, F: int, R: int, s: int) -> int:
+    """First table row of source ``s``: ``F * P_s`` with ``P_s = sum_{s' < s} min(R, L - s')``."""
+    return F * sum(min(R, L - q) for q in range(s))
+
+
+def ref_dense_activation(values: torch.Tensor, indices: torch.Tensor, F: int) -> torch.Tensor:
+    """``[L, N, F]`` float64 activation of the codes; repeated indices add up, padding adds 0."""
+    L, N, _ = values.shape
+    dense = torch.zeros(L, N, F, dtype=torch.float64)
+    return dense.scatter_add(2, indices.long(), values.to(torch.float64))
+
+
+def ref_decode_dense(A, W_dec, b_dec, L: int, F: int, R: int) -> torch.Tensor:
+    """Dense float64 decode ``out[t] = b[t] + sum_s A[s] @ W_s[:, t - s, :]``, rows by explicit
+    arithmetic (independent of ``DecoderLayout``)."""
+    N, d_out = A.shape[1], W_dec.shape[1]
+    W = W_dec.to(torch.float64)
+    out = [torch.zeros(N, d_out, dtype=torch.float64) for _ in range(L)]
+    for s in range(L):
+        R_s = min(R, L - s)
+        for t in range(s, s + R_s):
+            # row of (source s, feature f, target t) = F * P_s + f * R_s + (t - s)
+            rows = ref_first_row(L, F, R, s) + torch.arange(F) * R_s + (t - s)
+            out[t] = out[t] + A[s].to(torch.float64) @ W[rows]
+    if b_dec is not None:
+        out = [o + b_dec[t].to(torch.float64) for t, o in enumerate(out)]
+    return torch.stack(out)
+
+
+def ref_decode(values, indices, W_dec, b_dec, L: int, F: int, R: int) -> torch.Tensor:
+    """Dense float64 reference of ``sparse_decode``."""
+    return ref_decode_dense(ref_dense_activation(values, indices, F), W_dec, b_dec, L, F, R)

@@ -13,35 +13,13 @@ import math
 
 import pytest
 import torch
-from _testing import assert_close
+from _testing import assert_close, ref_decode
 
 from kernels import DecoderLayout, sparse_decode
 from kernels import decode as decode_mod
 from kernels.compile_check import CompileJob, compile_for_gpu
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
-
-
-def first_row(L: int, F: int, R: int, s: int) -> int:
-    """First table row of source ``s``: ``F * sum_{q < s} min(R, L - q)``."""
-    return F * sum(min(R, L - q) for q in range(s))
-
-
-def ref_decode(values, indices, W_dec, b_dec, L: int, F: int, R: int) -> torch.Tensor:
-    """float64 ``out[t] = b[t] + sum_s A[s] @ W_dec[rows(s, :, t)]`` with ``A`` the dense
-    activation of the codes (repeated indices add up, padding adds 0)."""
-    N, d_out = values.shape[1], W_dec.shape[1]
-    A = torch.zeros(L, N, F, dtype=F64).scatter_add(2, indices.long(), values.to(F64))
-    W = W_dec.to(F64)
-    out = [torch.zeros(N, d_out, dtype=F64) for _ in range(L)]
-    for s in range(L):
-        R_s = min(R, L - s)
-        for t in range(s, s + R_s):
-            rows = first_row(L, F, R, s) + torch.arange(F) * R_s + (t - s)
-            out[t] = out[t] + A[s] @ W[rows]
-    if b_dec is not None:
-        out = [o + b_dec[t].to(F64) for t, o in enumerate(out)]
-    return torch.stack(out)
 
 
 def make_problem(L, N, F, K, R, d_out, dtype=F32, w_dtype=None, index_dtype=torch.int32):

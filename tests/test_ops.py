@@ -12,7 +12,14 @@ import re
 
 import pytest
 import torch
-from _testing import TOLERANCES, assert_close
+from _testing import (
+    TOLERANCES,
+    assert_close,
+    ref_decode,
+    ref_decode_dense,
+    ref_dense_activation,
+    ref_first_row,
+)
 
 from kernels import (
     DecoderLayout,
@@ -49,38 +56,6 @@ def grads(out: torch.Tensor, inputs, upstream: torch.Tensor):
 # ----------------------------------------------------------------------------------------------
 # float64 references
 # ----------------------------------------------------------------------------------------------
-
-
-def ref_first_row(L: int, F: int, R: int, s: int) -> int:
-    """First table row of source ``s``: ``F * P_s`` with ``P_s = sum_{s' < s} min(R, L - s')``."""
-    return F * sum(min(R, L - q) for q in range(s))
-
-
-def ref_dense_activation(values: torch.Tensor, indices: torch.Tensor, F: int) -> torch.Tensor:
-    """``[L, N, F]`` float64 activation of the codes; repeated indices add up, padding adds 0."""
-    L, N, _ = values.shape
-    dense = torch.zeros(L, N, F, dtype=F64)
-    return dense.scatter_add(2, indices.long(), values.to(F64))
-
-
-def ref_decode_dense(A, W_dec, b_dec, L: int, F: int, R: int) -> torch.Tensor:
-    """Dense decode: ``out[t] = b[t] + sum_s A[s] @ W_s[:, t - s, :]`` with explicit row ids."""
-    N, d_out = A.shape[1], W_dec.shape[1]
-    W = W_dec.to(F64)
-    out = [torch.zeros(N, d_out, dtype=F64) for _ in range(L)]
-    for s in range(L):
-        R_s = min(R, L - s)
-        for t in range(s, s + R_s):
-            # row of (source s, feature f, target t) = F * P_s + f * R_s + (t - s)
-            rows = ref_first_row(L, F, R, s) + torch.arange(F) * R_s + (t - s)
-            out[t] = out[t] + A[s].to(F64) @ W[rows]
-    if b_dec is not None:
-        out = [o + b_dec[t].to(F64) for t, o in enumerate(out)]
-    return torch.stack(out)
-
-
-def ref_decode(values, indices, W_dec, b_dec, L: int, F: int, R: int) -> torch.Tensor:
-    return ref_decode_dense(ref_dense_activation(values, indices, F), W_dec, b_dec, L, F, R)
 
 
 def ref_codes(src: torch.Tensor, mask: torch.Tensor):
