@@ -134,33 +134,47 @@ class CrossLayerTranscoder(nn.Module):
         """``[L, F]`` norm of each feature's whole crosslayer write."""
         return kernels.decoder_norms(self.W_dec, self.layout)
 
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense ``[L, N, F]`` pre-activations (only for nonlinearities that need them)."""
-        return torch.baddbmm(self.b_enc.unsqueeze(1), x, self.W_enc)
+    def pre_activations(self, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Dense ``[L, N, F]`` pre-activations (only for nonlinearities that need them), or
+        ``[1, N, F]`` of one source ``layer``."""
+        rows = slice(None) if layer is None else slice(layer, layer + 1)
+        return torch.baddbmm(self.b_enc[rows].unsqueeze(1), x, self.W_enc[rows])
 
-    def encode(self, x: torch.Tensor) -> Codes:
-        """Standardized ``x [L, N, d_in]`` -> sparse codes."""
-        self._check_inputs(x)
+    def encode(self, x: torch.Tensor, layer: int | None = None) -> Codes:
+        """Standardized ``x [L, N, d_in]`` -> sparse codes.
+
+        ``layer``: encode that one source layer only, from ``x [1, N, d_in]`` (closed-loop
+        evaluation feeds layers one at a time). Only valid where the nonlinearity is per layer:
+        always at inference, and in training except for BatchTopK with the global scope.
+        """
+        rows = slice(None) if layer is None else slice(layer, layer + 1)
+        self._check_inputs(x, layer)
+        if layer is not None and self.training and self.batchtopk_scope == "global" \
+                and self.nonlinearity == "batchtopk":
+            raise ValueError("global BatchTopK selects across layers: encode all layers at once")
         if self.nonlinearity == "topk":
-            scale = self.decoder_norms() if self.rank_by_decoder_norm else None
-            values, indices = kernels.encode_topk(x, self.W_enc, self.b_enc, self.k, scale)
+            scale = self.decoder_norms()[rows] if self.rank_by_decoder_norm else None
+            values, indices = kernels.encode_topk(x, self.W_enc[rows], self.b_enc[rows], self.k,
+                                                  scale)
             return Codes(torch.relu(values), indices)
-        pre = self.pre_activations(x)
+        pre = self.pre_activations(x, layer)  # [L, N, F]
         if self.nonlinearity == "batchtopk":
-            return self._batchtopk(pre)
+            return self._batchtopk(pre, rows)
         if self.nonlinearity == "jumprelu":
-            values, indices = kernels.jumprelu_codes(pre, self.log_threshold,
+            values, indices = kernels.jumprelu_codes(pre, self.log_threshold[rows],
                                                      self.jumprelu_bandwidth)
             return Codes(values, indices, pre)
         return Codes(*kernels.relu_codes(pre), pre)
 
-    def _batchtopk(self, pre: torch.Tensor) -> Codes:
+    def _batchtopk(self, pre: torch.Tensor, rows: slice) -> Codes:
         """Exact BatchTopK while training; at inference a JumpReLU at the EMA threshold."""
         if self.training:
             values, indices, min_kept = kernels.batchtopk(pre, self.k, self.batchtopk_scope)
-            self._update_threshold(min_kept)
+            if rows == slice(None):
+                self._update_threshold(min_kept)
             return Codes(values, indices)
         theta = self.threshold.view(-1, 1, 1)  # [L or 1, 1, 1]
+        theta = theta[rows] if theta.shape[0] > 1 else theta
         return Codes(*kernels.mask_to_codes(pre, pre > theta))
 
     @torch.no_grad()
@@ -243,9 +257,11 @@ class CrossLayerTranscoder(nn.Module):
         folded.standardizer.reset_()
         return folded
 
-    def _check_inputs(self, x: torch.Tensor) -> None:
-        if x.dim() != 3 or x.shape[0] != self.n_layers or x.shape[2] != self.d_in:
+    def _check_inputs(self, x: torch.Tensor, layer: int | None = None) -> None:
+        n_layers = self.n_layers if layer is None else 1
+        if layer is not None and not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer must be in 0..{self.n_layers - 1}, got {layer}")
+        if x.dim() != 3 or x.shape[0] != n_layers or x.shape[2] != self.d_in:
             raise ValueError(
-                f"expected x of shape [L={self.n_layers}, N, d_in={self.d_in}], got "
-                f"{tuple(x.shape)}"
+                f"expected x of shape [L={n_layers}, N, d_in={self.d_in}], got {tuple(x.shape)}"
             )

@@ -285,3 +285,20 @@ def test_folding_standardization_is_exact(kind, reach):
 def test_folding_refuses_decoder_norm_ranking():
     with pytest.raises(ValueError, match="decoder norm"):
         make("topk", rank_by_decoder_norm=True).folded_copy()
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "jumprelu", "relu"])
+def test_encoding_one_layer_matches_the_full_encode_at_inference(kind):
+    model = make(kind, rank_by_decoder_norm=kind == "topk").eval()
+    model.threshold.fill_(0.1)
+    x = torch.randn(L, 9, D_IN, dtype=torch.float64)
+    full = model.encode(x)
+    for i in range(L):
+        one = model.encode(x[i : i + 1], layer=i)
+        K = one.values.shape[-1]
+        torch.testing.assert_close(one.values[0], full.values[i, :, :K])
+        assert (full.values[i, :, K:] == 0).all()
+        active = one.values[0] != 0
+        assert torch.equal(one.indices[0][active].long(), full.indices[i, :, :K][active].long())
+    with pytest.raises(ValueError, match="global BatchTopK"):
+        make("batchtopk", batchtopk_scope="global").encode(x[:1], layer=0)
