@@ -159,6 +159,100 @@ def test_encode_topk_launchers_overwrite_poisoned_outputs(poison):
         assert_close(got_t, want_t, name=f"grad {name}")
 
 
+def make_awkward(L, N, d_in, F, dtype, gen):
+    """Inputs whose rows stress the selection: layer 0 has ``b_enc`` constant, so its tokens with
+    ``x = 0`` (every third) tie across all ``F`` features; layer 1 has ``b_enc <= -20``, so every
+    pre-activation is negative (and its ``x = 0`` tokens tie again, at a negative value)."""
+    x = torch.randn(L, N, d_in, generator=gen)
+    x[:, ::3] = 0.0
+    W = torch.randn(L, d_in, F, generator=gen) / math.sqrt(d_in)
+    b = torch.full((L, F), 0.5)
+    b[1] = -20.0 - torch.rand(F, generator=gen)
+    b[1, : F - 2] = -21.0  # negative ties at the cut of the x = 0 rows once k > 2
+    return x.to(dtype), W.to(dtype), b.to(dtype)
+
+
+def ref_topk_stable(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k indices of a float64 score, largest first, ties to the lower index."""
+    return torch.sort(-score, dim=-1, stable=True).indices[..., :k]
+
+
+AWKWARD_SHAPES = [
+    pytest.param(*s, id="N{}-din{}-F{}-k{}".format(*s))
+    for s in [
+        (7, 5, 23, 1),  # k = 1
+        (7, 5, 23, 23),  # k = F, F not a power of two (KP = 32)
+        (9, 11, 37, 6),  # F over several 16-wide tiles, d_in over one
+        (6, 19, 13, 13),  # k = F < BLOCK_F, d_in over two tiles
+    ]
+]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N, d_in, F, k", AWKWARD_SHAPES)
+def test_encode_topk_awkward_rows(monkeypatch, poison, N, d_in, F, k, dtype):
+    """All-equal rows select the first k features, negative-only rows return their (negative)
+    pre-activations; outputs and every gradient against float64, and relu on top gives zero
+    values and zero gradients for the negative layer."""
+    fwd, bwd = Spy(monkeypatch, tk, "encode_topk_fwd"), Spy(monkeypatch, tk, "encode_topk_bwd")
+    L = 2
+    gen = torch.Generator().manual_seed(N * 1000 + F * 10 + k)
+    x, W, b = make_awkward(L, N, d_in, F, dtype, gen)
+    ins = [leaf(x), leaf(W), leaf(b)]
+    values, indices = encode_topk(*ins, k)
+    assert (fwd.calls, values.dtype) == (1, dtype)
+
+    refs = [leaf(t, F64) for t in ins]
+    pre = ref_pre(*refs)
+    tied = torch.zeros(L, N, dtype=torch.bool)
+    tied[:, ::3] = True
+    assert (pre.detach()[1] < 0).all(), "layer 1 must be negative-only"
+    assert (pre.detach()[0, ::3] == 0.5).all() and (pre.detach()[1, ::3, : F - 2] == -21).all()
+    assert_separated(pre.detach()[~tied], k, gap=1e-4)  # the other rows need a clear cut
+    want_idx = ref_topk_stable(pre.detach(), k)
+    assert torch.equal(indices[0, ::3], torch.arange(k).expand_as(indices[0, ::3])), "ties"
+    assert torch.equal(indices, want_idx), "selected features (or their order) differ"
+    want_values = pre.gather(-1, want_idx)
+    assert_close(values, want_values, name="values")
+    assert (values[1] < 0).all()
+
+    upstream = torch.randn(L, N, k, dtype=F64, generator=gen)
+    got = torch.autograd.grad(values, ins, upstream.to(dtype))
+    want = torch.autograd.grad(want_values, refs, upstream)
+    assert bwd.calls == 1
+    for name, g, w in zip(["x", "W_enc", "b_enc"], got, want, strict=True):
+        assert g.dtype == dtype
+        atol = 2e-2 * float(w.abs().max()) if dtype == BF16 else None
+        assert_close(g, w, atol=atol, name=f"grad {name}")
+    # only the selected features of each layer get a W_enc / b_enc gradient
+    chosen = torch.zeros(L, F, dtype=torch.bool).scatter_(1, indices.view(L, -1), True)
+    assert (got[1].abs().sum(1)[~chosen] == 0).all() and (got[2][~chosen] == 0).all()
+
+    # relu on top (what the model does): the negative layer is all zeros and passes no gradient
+    values, _ = encode_topk(*ins, k)
+    codes = torch.relu(values)
+    assert (codes[1] == 0).all()
+    got = torch.autograd.grad(codes, ins, upstream.to(dtype))
+    want = torch.autograd.grad(torch.relu(ref_pre(*refs).gather(-1, want_idx)), refs, upstream)
+    for name, g, w in zip(["x", "W_enc", "b_enc"], got, want, strict=True):
+        atol = 2e-2 * float(w.abs().max()) if dtype == BF16 else None
+        assert_close(g, w, atol=atol, name=f"grad {name} through relu")
+    assert (got[0][1] == 0).all() and (got[1][1] == 0).all() and (got[2][1] == 0).all()
+
+    if dtype == F32:
+        # the launchers fill NaN-poisoned buffers on these rows too
+        out = (poison((L, N, k)), poison((L, N, k), torch.int64))
+        v, i = tk.encode_topk_fwd(x, W, b, k, out=out)
+        assert v is out[0] and torch.equal(i, indices) and not v.isnan().any()
+        out = (poison((L, N, d_in)), poison((L, d_in, F)), poison((L, F)))
+        g = upstream.float()
+        grads = tk.encode_topk_bwd(g, x, W, indices, True, True, True, out=out)
+        want = tk._encode_topk_bwd(g.double(), x.double(), W.double(), indices, True, True, True)
+        for name, gt, w, o in zip(["x", "W", "b"], grads, want, out, strict=True):
+            assert gt is o and not gt.isnan().any()
+            assert_close(gt, w, name=f"poisoned grad {name}")
+
+
 def test_encode_topk_float64_takes_the_torch_path(monkeypatch):
     spy = Spy(monkeypatch, tk, "encode_topk_fwd")
     x, W, b = make_encoder(1, 3, 4, 8, F64)
@@ -320,6 +414,103 @@ def test_batchtopk_float64_takes_the_torch_path(monkeypatch):
     spy = Spy(monkeypatch, btk, "select_mask")
     batchtopk_mask(torch.randn(2, 3, 4, dtype=F64), 1, "layer")
     assert spy.calls == 0
+
+
+# 1000 random cases against the dense stable sort: sizes, cut positions, value distributions and
+# scopes drawn from a per-case seed (the failure message names it, ``random_case(seed)``
+# rebuilds it). Chunked so one chunk of 250 fails on its own.
+
+SELECT_KINDS = ("normal", "ties", "equal", "negative", "zeros", "wide", "bf16grid", "mixture")
+N_SELECT_CASES, SELECT_CHUNK = 1000, 250
+
+
+def random_values(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` fp32 values (no NaN) of one distribution."""
+
+    def rand_int(lo, hi, size=()):
+        return torch.randint(lo, hi, size if size else (1,), generator=gen)
+
+    if kind == "normal":
+        return torch.randn(n, generator=gen) * float(torch.rand(1, generator=gen) * 4 + 0.01)
+    if kind == "ties":  # a small integer range: long runs of ties, across blocks too
+        r = int(rand_int(1, 5))
+        return rand_int(-r, r + 1, (n,)).float()
+    if kind == "equal":  # one value everywhere, possibly -0.0 or negative
+        v = [0.0, -0.0, 1.0, -1.0, -3.5, 2.0**-20, -(2.0**30)][int(rand_int(0, 7))]
+        return torch.full((n,), v)
+    if kind == "negative":  # every value < 0 (the top is the least negative)
+        return -torch.rand(n, generator=gen) * 10.0 ** float(rand_int(-3, 4)) - 2.0**-10
+    if kind == "zeros":  # +0.0 / -0.0 mixed with a few +-1: signed zeros must tie
+        x = rand_int(-1, 2, (n,)).float()
+        sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+        return torch.where(x == 0, 0.0 * sign, x)
+    if kind == "wide":  # exponents from ~2**-60 to ~2**60: every radix pass matters
+        e = (torch.randn(n, generator=gen) * 20).clamp(-60, 60)
+        return torch.randn(n, generator=gen) * torch.exp2(e)
+    if kind == "bf16grid":  # bf16-representable: the low 16 key bits are all zero
+        return (torch.randn(n, generator=gen) * 3).to(BF16).float()
+    # mixture: each entry drawn from one of the other kinds
+    parts = torch.stack([random_values(k, n, gen) for k in SELECT_KINDS[:-1]])
+    pick = torch.randint(0, parts.shape[0], (n,), generator=gen)
+    return parts.gather(0, pick[None])[0]
+
+
+def random_case(seed: int) -> dict:
+    """One selection problem: a flat ``exact_topk_mask`` or a small ``[L, N, F]`` BatchTopK."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rint(lo, hi):  # inclusive
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    kind = SELECT_KINDS[rint(0, len(SELECT_KINDS) - 1)]
+    dtype = [F32, F32, BF16, torch.float16][rint(0, 3)]
+    if rint(0, 9) < 6:
+        # sizes around the interpreter's 256-wide block more often than elsewhere
+        M = rint(1, 300) if rint(0, 2) else rint(240, 300)
+        m = [1, M, rint(1, M), rint(1, M)][rint(0, 3)]
+        shape, scope = (M,), None
+    else:
+        L, N, F = rint(1, 3), rint(1, 12), rint(1, 25)
+        k, scope = rint(1, F), ("layer", "global")[rint(0, 1)]
+        shape, m = (L, N, F), k
+    x = random_values(kind, math.prod(shape), gen)
+    if dtype == torch.float16:  # keep the values finite after the cast
+        x = x.clamp(-6e4, 6e4)
+    x = x.to(dtype).view(shape)
+    return dict(seed=seed, kind=kind, dtype=dtype, x=x, m=m, scope=scope)
+
+
+def ref_case_mask(case: dict) -> torch.Tensor:
+    x, m, scope = case["x"], case["m"], case["scope"]
+    if scope is None:
+        return ref_select(x, m)
+    L, N, F = x.shape
+    if scope == "layer":
+        return torch.stack([ref_select(x[layer].flatten(), N * m) for layer in range(L)]).view(
+            L, N, F)
+    return ref_select(x.flatten(), L * N * m).view(L, N, F)
+
+
+@pytest.mark.parametrize("chunk", range(N_SELECT_CASES // SELECT_CHUNK))
+def test_batchtopk_matches_dense_sort_on_random_cases(monkeypatch, chunk):
+    spy = Spy(monkeypatch, btk, "select_mask")
+    seen = set()
+    for seed in range(chunk * SELECT_CHUNK, (chunk + 1) * SELECT_CHUNK):
+        case = random_case(seed)
+        x, m, scope = case["x"], case["m"], case["scope"]
+        got = exact_topk_mask(x, m) if scope is None else batchtopk_mask(x, m, scope)
+        want = ref_case_mask(case)
+        if not torch.equal(got, want):
+            diff = (got != want).nonzero().tolist()[:5]
+            raise AssertionError(
+                f"seed {seed}: {case['kind']} {case['dtype']} shape {tuple(x.shape)} m={m} "
+                f"scope={scope}: selection differs from the dense sort at {diff}"
+            )
+        seen.add((case["kind"], scope))
+    assert spy.calls == SELECT_CHUNK, "the Triton select did not run for every case"
+    # every distribution and every scope came up in this chunk
+    assert {kind for kind, _ in seen} == set(SELECT_KINDS)
+    assert {scope for _, scope in seen} == {None, "layer", "global"}
 
 
 # ----------------------------------------------------------------------------------------------
