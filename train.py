@@ -35,6 +35,7 @@ from clt.checkpoint import (
 )
 from clt.config import main_config
 from clt.data import build_source
+from clt.plots import plot_feature_density, plot_layer_metrics
 from clt.trainer import (
     FiringCounter,
     MetricsLog,
@@ -69,6 +70,17 @@ def profiler(run_dir: Path, steps: int, device: torch.device):
         schedule=torch.profiler.schedule(wait=0, warmup=1, active=steps, repeat=1),
         on_trace_ready=lambda prof: prof.export_chrome_trace(str(trace)),
     )
+
+
+def write_plots(run_dir: Path, step: int, held_out: dict) -> dict[str, Path]:
+    """Feature density and per-layer FVU / L0 as PNG in the run folder (overwritten each eval)."""
+    freq = held_out.pop("eval/freq")
+    return {
+        "plots/feature_density": plot_feature_density(
+            freq, run_dir / "feature_density.png", f"feature density, held-out, step {step}"),
+        "plots/layers": plot_layer_metrics(
+            held_out["eval/fvu"], held_out["eval/l0"], run_dir / "layers.png", f"step {step}"),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
                                          l0=f"{flat['l0/mean']:.1f}",
                                          tok_s=f"{flat['tokens_per_s']:.0f}")
                 if step % cfg.eval.every == 0 or last:
-                    eval_metrics = log.log(step, evaluate(model, heldout))
+                    held_out = evaluate(model, heldout)
+                    plots = write_plots(run_dir, step, held_out)
+                    eval_metrics = log.log(step, held_out, images=plots)
                     progress.write(f"step {step}: held-out FVU {eval_metrics['eval/fvu_total']:.4f}"
                                    f", L0 {eval_metrics['eval/l0/mean']:.1f}")
                 if step % cfg.checkpoint.every == 0 or last:

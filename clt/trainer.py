@@ -209,10 +209,12 @@ def frequency_histogram(freq: torch.Tensor) -> dict[str, float]:
 def evaluate(
     model: CrossLayerTranscoder, batches: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
-    """FVU per layer (ratio of sums over all held-out tokens) and L0 per layer, eval mode."""
+    """Held-out metrics in eval mode: FVU per layer and total (ratios of sums over all tokens),
+    L0 per layer, and ``eval/freq [L, F]``, each feature's firing frequency (for plots; not a
+    scalar metric: pop it before logging)."""
     was_training = model.training
     model.eval()
-    err = l0 = y_sum = y_sq = 0
+    err = fires = y_sum = y_sq = 0
     tokens = 0
     for x_raw, y_raw in batches:
         device, dtype = model.W_enc.device, model.W_enc.dtype
@@ -222,11 +224,13 @@ def evaluate(
         err = err + (y - yhat).pow(2).sum(dim=(1, 2))
         y_sum = y_sum + y.sum(dim=1)
         y_sq = y_sq + y.pow(2).sum(dim=(1, 2))
-        l0 = l0 + (codes.values > 0).sum(dim=(1, 2)).float()
+        fires = fires + codes.fire_counts(model.n_features)
         tokens += x.shape[1]
     model.train(was_training)
     var = y_sq - y_sum.pow(2).sum(dim=-1) / tokens
-    return {"eval/fvu": err / var, "eval/fvu_total": err.sum() / var.sum(), "eval/l0": l0 / tokens}
+    freq = fires.double() / tokens
+    return {"eval/fvu": err / var, "eval/fvu_total": err.sum() / var.sum(),
+            "eval/l0": freq.sum(dim=1).float(), "eval/freq": freq}
 
 
 class MetricsLog:
@@ -245,12 +249,16 @@ class MetricsLog:
 
     def log(
         self, step: int, metrics: dict[str, torch.Tensor | float],
-        extra: dict[str, float] | None = None,
+        extra: dict[str, float] | None = None, images: dict[str, Path] | None = None,
     ) -> dict[str, float]:
+        """Write one JSON line; PNG ``images`` go to wandb (the files stay in the run folder)."""
         flat = {**flatten_metrics(metrics), **(extra or {})}
         self.file.write(json.dumps({"step": step, **flat}) + "\n")
         if self.wandb is not None:
-            self.wandb.log(flat, step=step)
+            import wandb
+
+            pictures = {k: wandb.Image(str(p)) for k, p in (images or {}).items()}
+            self.wandb.log({**flat, **pictures}, step=step)
         return flat
 
     def close(self) -> None:

@@ -66,6 +66,8 @@ def test_end_to_end_each_nonlinearity(tmp_path, kind, capsys):
     assert {"fvu_total", "l0/mean", "dead_fraction/mean", "lr", "tokens_per_s",
             "freq_hist/never"} <= set(lines[-2])
     assert "held-out FVU" in capsys.readouterr().out
+    for png in ("feature_density.png", "layers.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("source", ["synthetic", "lm"])
