@@ -35,6 +35,7 @@ from clt.checkpoint import (
 )
 from clt.config import main_config
 from clt.data import build_source
+from clt.evaluate import MODES, evaluate_run, format_table
 from clt.plots import plot_feature_density, plot_layer_metrics
 from clt.trainer import (
     FiringCounter,
@@ -183,6 +184,11 @@ def main(argv: list[str] | None = None) -> None:
                                    f", L0 {eval_metrics['eval/l0/mean']:.1f}")
                 if step % cfg.checkpoint.every == 0 or last:
                     save(step)
+        replacement = None
+        if cfg.data.source == "lm" and cfg.eval.replacement_tokens > 0:
+            replacement = evaluate_run(run_dir, cfg.eval.replacement_tokens, device)
+            log.log(tcfg.steps, {f"replacement/{mode}/{name}": value
+                                 for mode in MODES for name, value in replacement[mode].items()})
     finally:
         log.close()
         source.close()
@@ -192,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"done in {time.perf_counter() - start:.0f} s: held-out FVU "
               f"{eval_metrics['eval/fvu_total']:.4f} (per layer {per_layer}), mean L0 "
               f"{eval_metrics['eval/l0/mean']:.1f}, run folder {run_dir}")
+    if replacement is not None:
+        print(format_table([replacement]))
 
 
 if __name__ == "__main__":

@@ -331,6 +331,10 @@ class LoggingConfig(_Section):
 class EvalConfig(_Section):
     every: PositiveInt = Field(1000, description="Evaluate every this many steps.")
     tokens: PositiveInt = Field(8192, description="Held-out tokens per evaluation.")
+    replacement_tokens: NonNegativeInt = Field(
+        2048, description="Held-out tokens for the replacement-model metrics (CE, KL, open and "
+        "closed loop) at the end of an LM run; 0 = skip."
+    )
 
 
 class CheckpointConfig(_Section):

@@ -181,3 +181,13 @@ def test_mixed_precision_keeps_float32_master_weights(tmp_path, kind, precision)
                if k in ("W_enc", "W_dec", "b_enc", "b_dec", "log_threshold"))
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert (state["scaler"] is not None) == (precision == "fp16")
+
+
+def test_lm_run_ends_with_replacement_metrics(tmp_path, capsys):
+    config, run_dir = write_config(tmp_path, "topk", "lm", train={"steps": 3},
+                                   eval={"replacement_tokens": 64})
+    train.main([str(config)])
+    out = capsys.readouterr().out
+    assert "[open]" in out and "[closed]" in out and "held-out FVU" in out
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"replacement/open/ce_recovered", "replacement/closed/kl"} <= set(last)
