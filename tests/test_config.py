@@ -43,6 +43,8 @@ def test_presets_exist():
         "gpt2/topk-clt.json",
         "gpt2/batchtopk-clt.json",
         "gpt2/jumprelu-clt.json",
+        "compare/clt.json",
+        "compare/plt.json",
     }
 
 
@@ -54,6 +56,13 @@ def test_preset_loads_and_round_trips(preset: Path, tmp_path: Path):
     saved = tmp_path / "saved.json"
     save_config(cfg, saved)
     assert load_config(saved) == cfg
+
+
+def test_compare_presets_differ_only_in_reach():
+    """Same model, data, budget and k (so the same total L0): only the decoder reach differs."""
+    clt, plt_ = (load_config(CONFIGS / "compare" / f"{n}.json") for n in ("clt", "plt"))
+    assert (clt.resolved_reach, plt_.resolved_reach) == (8, 1)
+    assert plt_.model_copy(update={"model": clt.model}) == clt
 
 
 def test_preset_reaches():
