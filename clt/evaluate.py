@@ -279,34 +279,19 @@ def replacement_metrics(
 
 
 def _load_run(run_dir: Path, device: torch.device):
-    """(config, model in eval mode, checkpoint step) of a run folder; EvaluationError if bad."""
-    from .checkpoint import CheckpointError, check_compatible, latest_checkpoint, load_checkpoint
-    from .config import ConfigError, load_config
-    from .trainer import build_model
+    """(config, model in eval mode, checkpoint step) of an LM run folder; EvaluationError if bad."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .trainer import load_run
 
-    if not run_dir.is_dir():
-        raise EvaluationError(f"{run_dir}: no such run folder")
     try:
-        cfg = load_config(run_dir / "config.json")
-        path = latest_checkpoint(run_dir)
-        state = load_checkpoint(path)
-        if not isinstance(state, dict) or "model" not in state:
-            raise CheckpointError(f"checkpoint {path} holds no model state")
-        if "config" in state:
-            check_compatible(state["config"], cfg, path)
-    except (ConfigError, CheckpointError) as exc:
+        cfg, model, step = load_run(run_dir, device)
+    except (ConfigError, CheckpointError, OSError) as exc:
         raise EvaluationError(str(exc)) from None
     if cfg.data.source != "lm":
         raise EvaluationError(f"{run_dir}: replacement metrics need an LM-backed run "
                               f"(data.source is {cfg.data.source!r})")
-    weights = state["model"]
-    d_in, d_out = weights["W_enc"].shape[1], weights["b_dec"].shape[1]
-    model = build_model(cfg, d_in, d_out, device)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise EvaluationError(f"checkpoint {path} does not fit its config: {exc}") from None
-    return cfg, model.eval(), int(state.get("step", 0))
+    return cfg, model, step
 
 
 def _lm_and_stream(cfg, device: torch.device, batch_size: int):

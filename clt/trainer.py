@@ -286,3 +286,32 @@ def make_run_dir(cfg: Config) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.json")
     return run_dir
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """``(config, model in eval mode, step)`` of a run folder's latest checkpoint.
+
+    Raises ``CheckpointError`` (missing folder, config or checkpoint; a checkpoint that does not
+    fit its config) or ``ConfigError`` (an invalid ``config.json``).
+    """
+    from .checkpoint import CheckpointError, check_compatible, latest_checkpoint, load_checkpoint
+    from .config import load_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run folder")
+    cfg = load_config(run_dir / "config.json")
+    path = latest_checkpoint(run_dir)
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"checkpoint {path} holds no model state")
+    if "config" in state:
+        check_compatible(state["config"], cfg, path)
+    weights = state["model"]
+    d_in, d_out = weights["W_enc"].shape[1], weights["b_dec"].shape[1]
+    model = build_model(cfg, d_in, d_out, torch.device(device))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit its config: {exc}") from None
+    return cfg, model.eval(), int(state.get("step", 0))

@@ -1,0 +1,249 @@
+"""Turn a TopK / BatchTopK transcoder into a JumpReLU one for inference and export.
+
+circuit-tracer (and most inference tooling) knows ReLU and JumpReLU only, so a TopK-family model
+is exported as a JumpReLU with one threshold per (layer, feature). Two threshold sources:
+
+- ``ema_thresholds(model)``: BatchTopK's own inference rule. Its eval mode already is a JumpReLU at
+  the EMA of the smallest kept pre-activation (per layer, or one global value), so the converted
+  model gives the same codes (up to the float32 rounding of ``exp(log(theta))``).
+- ``calibrate_thresholds(model, batches)``: per layer, the single threshold at which the JumpReLU's
+  mean L0 on the given held-out tokens equals a target (default: the trained model's own L0 there,
+  about ``k`` for TopK). Exact: the threshold lies between the ``m``-th and ``m+1``-th largest
+  pre-activation of the layer, ``m = round(target * tokens)``, found by a streaming top-``m``.
+
+Thresholds are strictly positive, so the converted model never emits a negative activation
+(``pre > theta > 0``). ``conversion_report`` gives L0 and FVU per layer before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+import kernels
+
+from .model import CrossLayerTranscoder
+from .trainer import evaluate
+
+Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
+
+
+class ConversionError(ValueError):
+    """A model or threshold that cannot be converted to JumpReLU."""
+
+
+def _full_thresholds(model: CrossLayerTranscoder, thresholds) -> torch.Tensor:
+    """Any of scalar, ``[L]``, ``[L, 1]``, ``[1, F]``, ``[L, F]`` -> float64 ``[L, F]``."""
+    L, F = model.n_layers, model.n_features
+    t = torch.as_tensor(thresholds, dtype=torch.float64).detach().cpu()
+    if t.dim() == 1 and t.shape[0] == L and L != F:
+        t = t.view(L, 1)
+    elif t.dim() == 1 and t.shape[0] == L:
+        raise ConversionError(f"ambiguous thresholds of shape [{L}] with L == F == {L}: "
+                              f"pass [L, 1] or [1, F]")
+    try:
+        t = t.expand(L, F).clone()
+    except RuntimeError:
+        raise ConversionError(f"thresholds of shape {tuple(t.shape)} do not broadcast to "
+                              f"[L={L}, F={F}]") from None
+    if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+        bad = t[~(torch.isfinite(t) & (t > 0))]
+        raise ConversionError(f"JumpReLU thresholds must be finite and > 0 (a threshold <= 0 "
+                              f"would let negative pre-activations through); got "
+                              f"{bad.numel()} bad values, e.g. {bad.flatten()[0].item():g}")
+    return t
+
+
+def to_jumprelu(model: CrossLayerTranscoder, thresholds) -> CrossLayerTranscoder:
+    """A JumpReLU copy of ``model`` (weights, standardizer and buffers shared by value, never
+    in place) with ``log_threshold = log(thresholds)``.
+
+    ``thresholds``: strictly positive, broadcastable to ``[L, F]`` (a scalar, one per layer as
+    ``[L]`` or ``[L, 1]``, or one per feature ``[L, F]``). ``log_threshold`` is float32 like in a
+    trained JumpReLU model; ``exp`` of it reproduces the threshold to float32 rounding.
+    """
+    if model.nonlinearity not in ("topk", "batchtopk", "jumprelu", "relu"):
+        raise ConversionError(f"unknown nonlinearity {model.nonlinearity!r}")
+    theta = _full_thresholds(model, thresholds)
+    out = copy.deepcopy(model)  # no constructor: it would draw a fresh init from the global RNG
+    out.nonlinearity, out.k = "jumprelu", None
+    out.rank_by_decoder_norm = False  # a JumpReLU does not rank; folding is then allowed
+    log_theta = theta.log().to(torch.float32).to(model.W_enc.device)
+    if "log_threshold" in out._parameters:
+        del out._parameters["log_threshold"]
+    out.log_threshold = nn.Parameter(log_theta)
+    return out
+
+
+def ema_thresholds(model: CrossLayerTranscoder) -> torch.Tensor:
+    """``[L, F]`` thresholds from a BatchTopK model's inference EMA (per layer or global)."""
+    if model.nonlinearity != "batchtopk":
+        raise ConversionError(f"only BatchTopK keeps an EMA threshold (this model is "
+                              f"{model.nonlinearity!r}): calibrate on held-out data instead")
+    if int(model.threshold_updates) == 0:
+        raise ConversionError("the BatchTopK EMA threshold was never updated (untrained model): "
+                              "calibrate on held-out data instead")
+    ema = model.threshold.detach().double().cpu()
+    if not bool((ema > 0).all()):
+        raise ConversionError(f"the BatchTopK EMA threshold is not positive ({ema.tolist()}): "
+                              f"a JumpReLU needs threshold > 0, calibrate on held-out data instead")
+    per_layer = ema.expand(model.n_layers) if ema.numel() == 1 else ema
+    return per_layer.view(-1, 1).expand(model.n_layers, model.n_features).clone()
+
+
+def _inputs(batch: Batch) -> torch.Tensor:
+    return batch if isinstance(batch, torch.Tensor) else batch[0]
+
+
+def _standardized(model: CrossLayerTranscoder, batch: Batch) -> torch.Tensor:
+    x = _inputs(batch).to(model.W_enc.device, model.W_enc.dtype)
+    return model.standardizer.inputs(x)
+
+
+def _chunks(model: CrossLayerTranscoder, batches: Iterable[Batch], chunk: int):
+    """Standardized ``x [L, n <= chunk, d_in]`` pieces of raw batches (bounded memory: the dense
+    pre-activations of a piece are ``[L, chunk, F]``)."""
+    for batch in batches:
+        x = _inputs(batch)
+        for start in range(0, x.shape[1], chunk):
+            yield _standardized(model, x[:, start : start + chunk])
+
+
+@torch.no_grad()
+def trained_l0(
+    model: CrossLayerTranscoder, batches: Iterable[Batch], chunk: int = 1024
+) -> torch.Tensor:
+    """``[L]`` mean L0 per token of the model's TRAINING selection on raw batches: TopK's top-k
+    (positive entries), BatchTopK's exact batch top-k over each ``chunk`` tokens (EMA untouched;
+    ``chunk`` plays the training batch size)."""
+    if model.nonlinearity not in ("topk", "batchtopk"):
+        raise ConversionError(f"no trained L0 to match for {model.nonlinearity!r}: pass "
+                              f"target_l0")
+    total = torch.zeros(model.n_layers, dtype=torch.float64)
+    tokens = 0
+    for x in _chunks(model, batches, chunk):
+        if model.nonlinearity == "topk":
+            values = model.encode(x).values
+            total += (values > 0).sum(dim=(1, 2)).double().cpu()
+        else:
+            pre = model.pre_activations(x)
+            mask = kernels.batchtopk_mask(pre, model.k, model.batchtopk_scope) & (pre > 0)
+            total += mask.sum(dim=(1, 2)).double().cpu()
+        tokens += x.shape[1]
+    if tokens == 0:
+        raise ConversionError("no held-out tokens given")
+    return total / tokens
+
+
+@torch.no_grad()
+def calibrate_thresholds(
+    model: CrossLayerTranscoder,
+    batches: Sequence[Batch],
+    target_l0: float | Sequence[float] | torch.Tensor | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """``[L, F]`` JumpReLU thresholds (one value per layer) matching a mean L0 per layer.
+
+    ``batches``: RAW held-out inputs, ``x [L, N, d_in]`` or ``(x, y)`` pairs as
+    ``clt.trainer.evaluate`` takes them; they are standardized with the model's standardizer.
+    ``target_l0``: mean active features per token, a scalar or one per layer; default
+    :func:`trained_l0` on the same batches (about ``k`` for TopK).
+
+    Per layer, with ``n`` tokens and ``m = round(target * n)``: the threshold is the midpoint of
+    the ``m``-th and ``m+1``-th largest pre-activations (floored at 0), so exactly ``m`` entries
+    pass ``pre > theta`` on these tokens (ties aside). With fewer than ``m`` positive
+    pre-activations the threshold sits below the smallest positive one (L0 falls short).
+    Streaming: one layer and ``chunk`` tokens of dense pre-activations at a time, plus the
+    running ``m + 1`` largest values per layer.
+    """
+    batches = list(batches)
+    if not batches or sum(_inputs(b).shape[1] for b in batches) == 0:
+        raise ConversionError("calibration needs at least one held-out token")
+    L, F = model.n_layers, model.n_features
+    if target_l0 is None:
+        target = trained_l0(model, batches, chunk)
+    else:
+        target = torch.as_tensor(target_l0, dtype=torch.float64).flatten().expand(L).clone()
+    if not bool(((target > 0) & (target <= F)).all()):
+        raise ConversionError(f"target L0 must be in (0, F={F}], got {target.tolist()}")
+    n = sum(_inputs(b).shape[1] for b in batches)
+    m = [min(max(1, round(float(t) * n)), n * F) for t in target]
+    top: list[torch.Tensor | None] = [None] * L  # the m+1 largest values so far, descending
+    smallest_pos = [math.inf] * L
+    for x in _chunks(model, batches, chunk):
+        for layer in range(L):
+            flat = model.pre_activations(x[layer : layer + 1], layer).flatten()
+            pos = flat[flat > 0]
+            if pos.numel():
+                smallest_pos[layer] = min(smallest_pos[layer], float(pos.min()))
+            both = flat if top[layer] is None else torch.cat([top[layer], flat])
+            top[layer] = both.topk(min(m[layer] + 1, both.numel())).values
+    theta = torch.empty(L, dtype=torch.float64)
+    for layer in range(L):
+        vals = top[layer].double().cpu()
+        v_m = float(vals[m[layer] - 1])
+        v_next = float(vals[m[layer]]) if vals.numel() > m[layer] else -math.inf
+        if v_m > 0:
+            theta[layer] = (v_m + max(v_next, 0.0)) / 2
+        elif math.isfinite(smallest_pos[layer]):
+            theta[layer] = smallest_pos[layer] / 2
+        else:  # nothing positive at all: any positive threshold gives L0 = 0
+            theta[layer] = 1.0
+    return theta.view(L, 1).expand(L, F).clone()
+
+
+def convert(
+    model: CrossLayerTranscoder,
+    method: str | None = None,
+    batches: Sequence[Batch] | None = None,
+    target_l0=None,
+) -> CrossLayerTranscoder:
+    """JumpReLU copy of a TopK/BatchTopK model; JumpReLU and ReLU models come back as copies.
+
+    ``method``: ``"ema"`` (BatchTopK only, its default) or ``"calibrate"`` (needs ``batches``;
+    TopK's default).
+    """
+    if model.nonlinearity in ("jumprelu", "relu"):
+        return copy.deepcopy(model)
+    method = method or ("ema" if model.nonlinearity == "batchtopk" else "calibrate")
+    if method == "ema":
+        return to_jumprelu(model, ema_thresholds(model))
+    if method == "calibrate":
+        if not batches:
+            raise ConversionError("calibrating thresholds needs held-out batches")
+        return to_jumprelu(model, calibrate_thresholds(model, batches, target_l0))
+    raise ConversionError(f"threshold method must be 'ema' or 'calibrate', got {method!r}")
+
+
+def conversion_report(
+    original: CrossLayerTranscoder,
+    converted: CrossLayerTranscoder,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, dict[str, list[float] | float]]:
+    """``{"before": ..., "after": ...}`` each with ``fvu`` and ``l0`` per layer and
+    ``fvu_total``, from :func:`clt.trainer.evaluate` on raw held-out ``(x, y)`` batches
+    (eval mode: BatchTopK at its EMA threshold)."""
+    out = {}
+    for name, model in (("before", original), ("after", converted)):
+        metrics = evaluate(model, batches)
+        out[name] = {"fvu": [float(v) for v in metrics["eval/fvu"]],
+                     "l0": [float(v) for v in metrics["eval/l0"]],
+                     "fvu_total": float(metrics["eval/fvu_total"])}
+    return out
+
+
+def format_report(report: dict[str, dict]) -> str:
+    """The report as a small table, one row per layer."""
+    before, after = report["before"], report.get("after", report["before"])
+    lines = [f"{'layer':>5}  {'L0 before':>9}  {'L0 after':>9}  {'FVU before':>10}  "
+             f"{'FVU after':>10}"]
+    for i, (l0_b, l0_a, f_b, f_a) in enumerate(zip(before["l0"], after["l0"], before["fvu"],
+                                                   after["fvu"], strict=True)):
+        lines.append(f"{i:>5}  {l0_b:>9.2f}  {l0_a:>9.2f}  {f_b:>10.4f}  {f_a:>10.4f}")
+    lines.append(f"{'total':>5}  {'':>9}  {'':>9}  {before['fvu_total']:>10.4f}  "
+                 f"{after['fvu_total']:>10.4f}")
+    return "\n".join(lines)
