@@ -12,13 +12,15 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from .config import Config, TrainConfig, save_config
 from .losses import LossOutput, LossWeights, compute_losses, total_variance
 from .model import Codes, CrossLayerTranscoder
+
+if TYPE_CHECKING:  # pydantic stays off the import path of the step itself (GPU bench machines)
+    from .config import Config, TrainConfig
 
 
 class ActivationStream(Protocol):
@@ -281,6 +283,8 @@ def flatten_metrics(metrics: dict[str, torch.Tensor | float]) -> dict[str, float
 
 
 def make_run_dir(cfg: Config) -> Path:
+    from .config import save_config
+
     name = cfg.logging.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     run_dir = Path(cfg.logging.run_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
