@@ -95,3 +95,55 @@ def ref_decode_dense(A, W_dec, b_dec, L: int, F: int, R: int) -> torch.Tensor:
 def ref_decode(values, indices, W_dec, b_dec, L: int, F: int, R: int) -> torch.Tensor:
     """Dense float64 reference of ``sparse_decode``."""
     return ref_decode_dense(ref_dense_activation(values, indices, F), W_dec, b_dec, L, F, R)
+
+
+def fit_random_standardizer(model, seed: int = 5):
+    """Give ``model`` a non-trivial standardizer and biases (for folding / export tests)."""
+    g = torch.Generator().manual_seed(seed)
+    st = model.standardizer
+    with torch.no_grad():
+        st.in_mean.normal_(generator=g)
+        st.in_std.uniform_(0.2, 3.0, generator=g)
+        st.out_mean.normal_(generator=g)
+        st.out_std.uniform_(0.2, 3.0, generator=g)
+        model.b_enc.normal_(0, 0.2, generator=g)
+        model.b_dec.normal_(generator=g)
+    return model
+
+
+SYNTHETIC = {"n_layers": 3, "d_in": 16, "d_out": 12, "n_true_features": 24, "active_per_layer": 2}
+TINY_LM = {"name": "tiny", "tiny_n_layers": 2, "tiny_d_model": 32, "tiny_d_mlp": 64,
+           "seq_len": 17, "buffer_tokens": 512, "lm_batch_size": 4}
+
+
+def write_run_config(folder, kind: str = "topk", source: str = "synthetic", name: str = "run",
+                     **sections):
+    """A tiny, fast ``train.py`` config in ``folder``; returns ``(config path, run folder)``.
+
+    ``sections`` update the default sections key by key (``data={"lm": {...}}`` replaces ``lm``).
+    """
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    k = {"k": 3} if kind in ("topk", "batchtopk") else {}
+    data = ({"source": "synthetic", "synthetic": SYNTHETIC, "standardize_tokens": 512}
+            if source == "synthetic" else
+            {"source": "lm", "standardize_tokens": 256, "lm": dict(TINY_LM)})
+    raw = {
+        "model": {"n_features": 32},
+        "nonlinearity": {"kind": kind, **k},
+        "loss": {"sparsity_coef": 0.1} if kind in ("jumprelu", "relu") else {"dead_tokens": 64},
+        "data": data,
+        "train": {"steps": 8, "batch_tokens": 64, "lr": 3e-3, "device": "cpu"},
+        "logging": {"wandb_mode": "disabled", "every": 2, "run_dir": str(folder / "runs"),
+                    "run_name": name},
+        "eval": {"every": 4, "tokens": 128},
+        "checkpoint": {"every": 3, "keep_last": 2},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(raw))
+    return path, folder / "runs" / name

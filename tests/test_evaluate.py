@@ -1,11 +1,11 @@
 """Replacement-model evaluation: exact and zero transcoders, KL direction, BOS, runs and the CLI."""
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from _testing import TINY_LM, write_run_config
 
 import train
 from clt.data.lm import hook_names, lm_activations, load_lm
@@ -229,24 +229,13 @@ def test_closed_loop_fast_path_matches_generic_reconstruct(lm, tokens, kind, opt
 
 
 def _train_run(tmp_path: Path, name: str, k: int) -> Path:
-    raw = {
-        "model": {"n_features": 32},
-        "nonlinearity": {"kind": "topk", "k": k},
-        "loss": {"dead_tokens": 64},
-        "data": {"source": "lm", "standardize_tokens": 256,
-                 "lm": {"name": "tiny", "tiny_n_layers": 2, "tiny_d_model": 32, "tiny_d_mlp": 64,
-                        "seq_len": 17, "buffer_tokens": 512, "lm_batch_size": 4,
-                        "producer_thread": False}},
-        "train": {"steps": 4, "batch_tokens": 64, "lr": 3e-3, "device": "cpu"},
-        "logging": {"wandb_mode": "disabled", "every": 2, "run_dir": str(tmp_path / "runs"),
-                    "run_name": name},
-        "eval": {"every": 4, "tokens": 64},
-        "checkpoint": {"every": 4, "keep_last": 1},
-    }
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(raw))
+    path, run_dir = write_run_config(
+        tmp_path, "topk", "lm", name=name, nonlinearity={"k": k},
+        data={"lm": {**TINY_LM, "producer_thread": False}}, train={"steps": 4},
+        eval={"every": 4, "tokens": 64, "replacement_tokens": 0},
+        checkpoint={"every": 4, "keep_last": 1})
     train.main([str(path)])
-    return tmp_path / "runs" / name
+    return run_dir
 
 
 @pytest.fixture(scope="module")

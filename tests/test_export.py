@@ -4,7 +4,6 @@ The exported files are checked with ``clt.export.load_exported``, a reader writt
 description alone (plain torch), against the model's own ``reconstruct`` on raw inputs.
 """
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _testing import fit_random_standardizer, write_run_config
 from safetensors import safe_open
 
 import train
@@ -44,17 +44,11 @@ def make(kind="jumprelu", reach=None, dtype=torch.float64, d_in=D, d_out=D, n_fe
 
 
 def fitted(model, seed=5):
-    """A non-trivial standardizer and biases (as tests/test_model.py::fitted)."""
-    g = torch.Generator().manual_seed(seed)
-    st = model.standardizer
-    with torch.no_grad():
-        st.in_mean.normal_(generator=g)
-        st.in_std.uniform_(0.2, 3.0, generator=g)
-        st.out_mean.normal_(generator=g)
-        st.out_std.uniform_(0.2, 3.0, generator=g)
-        model.b_enc.normal_(0, 0.2, generator=g)
-        model.b_dec.normal_(generator=g)
-        if model.nonlinearity == "jumprelu":
+    """A non-trivial standardizer and biases, and spread-out JumpReLU thresholds."""
+    fit_random_standardizer(model, seed)
+    if model.nonlinearity == "jumprelu":
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
             model.log_threshold.copy_(torch.empty(L, model.n_features).uniform_(
                 0.05, 0.4, generator=g).log())
     return model
@@ -256,28 +250,14 @@ def test_topk_calibration_matches_k_on_held_out_tokens():
 
 
 def write_run(tmp_path: Path, kind: str, source: str = "synthetic"):
-    data = ({"source": "synthetic", "standardize_tokens": 512,
-             "synthetic": {"n_layers": 3, "d_in": 12, "d_out": 12, "n_true_features": 24,
-                           "active_per_layer": 2}}
-            if source == "synthetic" else
-            {"source": "lm", "standardize_tokens": 256,
-             "lm": {"name": "tiny", "tiny_n_layers": 2, "tiny_d_model": 32, "tiny_d_mlp": 64,
-                    "seq_len": 17, "buffer_tokens": 512, "lm_batch_size": 4}})
-    raw = {
-        "model": {"n_features": 32},
-        "nonlinearity": {"kind": kind, "k": 3},
-        "loss": {"dead_tokens": 64},
-        "data": data,
-        "train": {"steps": 6, "batch_tokens": 64, "lr": 3e-3, "device": "cpu"},
-        "logging": {"wandb_mode": "disabled", "every": 3, "run_dir": str(tmp_path / "runs"),
-                    "run_name": kind},
-        "eval": {"every": 6, "tokens": 128},
-        "checkpoint": {"every": 6, "keep_last": 1},
-    }
-    path = tmp_path / f"{kind}.json"
-    path.write_text(json.dumps(raw))
+    data = ({"synthetic": {"n_layers": 3, "d_in": 12, "d_out": 12, "n_true_features": 24,
+                           "active_per_layer": 2}} if source == "synthetic" else {})
+    path, run_dir = write_run_config(
+        tmp_path, kind, source, name=kind, data=data, loss={"dead_tokens": 64},
+        train={"steps": 6}, logging={"every": 3}, eval={"every": 6},
+        checkpoint={"every": 6, "keep_last": 1})
     train.main([str(path)])
-    return tmp_path / "runs" / kind
+    return run_dir
 
 
 @pytest.mark.parametrize("kind", ["topk", "batchtopk"])

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from _testing import fit_random_standardizer
 
 from clt.losses import LossWeights, auxk_loss, compute_losses
 from clt.model import CrossLayerTranscoder
@@ -251,17 +252,7 @@ def test_standardizer_fit_stops_and_reports_errors():
         Standardizer(L, D_IN + 1, D_OUT).fit(iter(batches), 10)
 
 
-def fitted(model, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    st = model.standardizer
-    with torch.no_grad():
-        st.in_mean.normal_(generator=g)
-        st.in_std.uniform_(0.2, 3.0, generator=g)
-        st.out_mean.normal_(generator=g)
-        st.out_std.uniform_(0.2, 3.0, generator=g)
-        model.b_enc.normal_(0, 0.2, generator=g)
-        model.b_dec.normal_(generator=g)
-    return model
+fitted = fit_random_standardizer
 
 
 @pytest.mark.parametrize("reach", [None, 1, 2], ids=["CLT", "PLT", "R2"])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _testing import write_run_config
 
 import clt.checkpoint
 import clt.trainer
@@ -14,7 +15,6 @@ import train
 from clt.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-SYNTHETIC = {"n_layers": 3, "d_in": 16, "d_out": 12, "n_true_features": 24, "active_per_layer": 2}
 
 
 @pytest.fixture(autouse=True)
@@ -24,30 +24,7 @@ def torch_ops(monkeypatch):
     monkeypatch.setenv("CLT_FORCE_TORCH", "1")
 
 
-def write_config(tmp_path: Path, kind: str = "topk", source: str = "synthetic", **sections):
-    k = {"k": 3} if kind in ("topk", "batchtopk") else {}
-    data = ({"source": "synthetic", "synthetic": SYNTHETIC, "standardize_tokens": 512}
-            if source == "synthetic" else
-            {"source": "lm", "standardize_tokens": 256,
-             "lm": {"name": "tiny", "tiny_n_layers": 2, "tiny_d_model": 32, "tiny_d_mlp": 64,
-                    "seq_len": 17, "buffer_tokens": 512, "lm_batch_size": 4}})
-    raw = {
-        "model": {"n_features": 32},
-        "nonlinearity": {"kind": kind, **k},
-        "loss": {"sparsity_coef": 0.1} if kind in ("jumprelu", "relu") else {"dead_tokens": 64},
-        "data": data,
-        "train": {"steps": 8, "batch_tokens": 64, "lr": 3e-3, "device": "cpu"},
-        "logging": {"wandb_mode": "disabled", "every": 2, "run_dir": str(tmp_path / "runs"),
-                    "run_name": "run"},
-        "eval": {"every": 4, "tokens": 128},
-        "checkpoint": {"every": 3, "keep_last": 2},
-    }
-    for name, values in sections.items():
-        raw[name] = {**raw.get(name, {}), **values}
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(raw))
-    return path, tmp_path / "runs" / "run"
+write_config = write_run_config
 
 
 def final_state(run_dir: Path) -> dict:
