@@ -6,7 +6,7 @@ All terms share one normalisation so their coefficients are comparable: a sum ov
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -39,7 +39,6 @@ class LossOutput:
     yhat: torch.Tensor
     codes: Codes
     fvu: torch.Tensor  # [L], detached
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def reconstruction_loss(y: torch.Tensor, yhat: torch.Tensor) -> torch.Tensor:
