@@ -425,17 +425,28 @@ def sparse_decode_torch(
     b_dec: torch.Tensor | None,
     layout: DecoderLayout,
 ) -> torch.Tensor:
-    """Torch path of :func:`sparse_decode`; differentiable in values, W_dec and b_dec."""
+    """Torch path of :func:`sparse_decode`; differentiable in values, W_dec and b_dec.
+
+    One ``embedding_bag`` over all ``L * N`` (target, token) bags, each holding the slots of every
+    source that reaches the target. One call, not one per target: autograd gives every
+    ``embedding_bag`` its own dense ``W_dec``-sized gradient, so per-target calls cost L memsets
+    and sums of the whole table (a CPU TopK step at L=12, F=4096, d=768, N=1024 went from
+    12.5 s to 6.5 s with one call).
+    """
     L, N, _ = values.shape
-    outs = []
+    rows, weights, bag_sizes = [], [], []
     for t in range(L):
         sources = layout.sources_of(t)
-        rows = _target_rows(indices, layout, t)
-        # [N, K * n_sources], same slot order as rows
-        weights = torch.cat([values[s] for s in sources], dim=1).to(W_dec.dtype)
-        out_t = F_.embedding_bag(rows, W_dec, per_sample_weights=weights, mode="sum")
-        outs.append(out_t if b_dec is None else out_t + b_dec[t])
-    return torch.stack(outs)
+        rows.append(_target_rows(indices, layout, t).flatten())  # [N * K * n_sources]
+        # same slot order as rows: token-major, then source, then slot
+        weights.append(torch.cat([values[s] for s in sources], dim=1).flatten())
+        bag_sizes.append(values.shape[2] * len(sources))
+    sizes = torch.tensor(bag_sizes, device=values.device).repeat_interleave(N)  # [L * N]
+    offsets = torch.cumsum(sizes, 0) - sizes
+    out = F_.embedding_bag(torch.cat(rows), W_dec, offsets,
+                           per_sample_weights=torch.cat(weights).to(W_dec.dtype), mode="sum")
+    out = out.view(L, N, -1)
+    return out if b_dec is None else out + b_dec.unsqueeze(1)
 
 
 def sparse_decode(
