@@ -51,10 +51,10 @@ try:  # clt.model / clt.losses / clt.trainer need only torch and kernels (not py
     from clt.losses import (
         DEFAULT_AUXK_K,
         LossWeights,
+        auxk_fit,
         compute_losses,
         preact_loss,
         reconstruction_loss,
-        total_variance,
     )
     from clt.model import CrossLayerTranscoder
     from clt.trainer import build_optimizer as trainer_optimizer
@@ -151,7 +151,8 @@ def reset_dead(p: SimpleNamespace) -> None:
 
 def ours_loss(p: SimpleNamespace) -> tuple[torch.Tensor, Callable[[], None]]:
     out = compute_losses(p.model, p.x, p.y, p.weights, STEP)
-    return out.total, lambda: p.model.update_dead_stats(out.codes)
+    fire_counts = out.codes.fire_counts(p.model.n_features)
+    return out.total, lambda: p.model.update_dead_stats(fire_counts, p.x.shape[1])
 
 
 def dense_decoder_blocks(model: CrossLayerTranscoder) -> list[tuple[torch.Tensor, ...]]:
@@ -197,14 +198,7 @@ def dense_auxk(model, pre, y, yhat, weights) -> torch.Tensor | None:
     k_aux = min(weights.auxk_k or DEFAULT_AUXK_K, model.n_features, n_dead)
     v, i = pre.masked_fill(~dead.unsqueeze(1), -math.inf).topk(k_aux, dim=-1)
     A_aux = torch.zeros_like(pre).scatter(-1, i, v.relu())  # [L, N, F]
-    e = (y - yhat).detach()
-    e_aux = dense_decode(model, A_aux, bias=False)
-    has_dead = dead.any(dim=1)
-    reached = torch.stack([has_dead[list(model.layout.sources_of(t))].any()
-                           for t in range(model.n_layers)])
-    ratio = (e - e_aux).pow(2).sum(dim=(1, 2)) / total_variance(e).clamp_min(1e-12)
-    scale = (total_variance(y) / y.shape[1]).detach()
-    return (ratio * scale)[reached].sum()
+    return auxk_fit(model, dead, y, yhat, dense_decode(model, A_aux, bias=False))
 
 
 def dense_loss(p: SimpleNamespace) -> tuple[torch.Tensor, Callable[[], None]]:

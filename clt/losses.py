@@ -100,8 +100,19 @@ def auxk_loss(
     codes = model.auxk_codes(x, dead, k_aux)
     if codes is None:
         return None
+    return auxk_fit(model, dead, y, yhat, model.decode(codes, bias=False))
+
+
+def auxk_fit(
+    model: CrossLayerTranscoder,
+    dead: torch.Tensor,
+    y: torch.Tensor,
+    yhat: torch.Tensor,
+    e_aux: torch.Tensor,
+) -> torch.Tensor:
+    """AuxK's normalised fit of the detached residual by ``e_aux [L, N, d_out]`` (see
+    :func:`auxk_loss`), summed over the target layers that a dead source feature reaches."""
     e = (y - yhat).detach()
-    e_aux = model.decode(codes, bias=False)
     has_dead = dead.any(dim=1)
     reached = torch.stack([has_dead[list(model.layout.sources_of(t))].any()
                            for t in range(model.n_layers)])

@@ -204,10 +204,11 @@ class CrossLayerTranscoder(nn.Module):
         return self.tokens_since_fired >= dead_tokens
 
     @torch.no_grad()
-    def update_dead_stats(self, codes: Codes) -> None:
-        """Advance the tokens-since-fired counters by one batch."""
-        self.tokens_since_fired += codes.values.shape[1]
-        self.tokens_since_fired[codes.fired(self.n_features)] = 0
+    def update_dead_stats(self, fire_counts: torch.Tensor, n_tokens: int) -> None:
+        """Advance the tokens-since-fired counters by one batch of ``n_tokens`` tokens, given its
+        ``[L, F]`` ``Codes.fire_counts`` (computed once per step, shared with the metrics)."""
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fire_counts > 0] = 0
 
     def auxk_codes(self, x: torch.Tensor, dead: torch.Tensor, k_aux: int) -> Codes | None:
         """Top ``k_aux`` pre-activations among dead features only (AuxK), or None if none dead.

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from .losses import LossOutput, LossWeights, compute_losses, total_variance
-from .model import Codes, CrossLayerTranscoder
+from .model import CrossLayerTranscoder
 
 if TYPE_CHECKING:  # pydantic stays off the import path of the step itself (GPU bench machines)
     from .config import Config, TrainConfig
@@ -135,9 +135,10 @@ def train_step(
             out = compute_losses(model, x, y, weights, step)
         loss = out.total / tcfg.grad_accum
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        model.update_dead_stats(out.codes)
+        fire_counts = out.codes.fire_counts(model.n_features)  # [L, F]
+        model.update_dead_stats(fire_counts, x.shape[1])
         if counter is not None:
-            counter.update(out.codes)
+            counter.update(fire_counts, x.shape[1])
         for name, value in _metrics(out, y).items():
             sums[name] = sums.get(name, 0) + value / tcfg.grad_accum
     if scaler is not None:
@@ -172,9 +173,9 @@ class FiringCounter:
         self.tokens = 0
 
     @torch.no_grad()
-    def update(self, codes: Codes) -> None:
-        self.counts += codes.fire_counts(self.counts.shape[1])
-        self.tokens += codes.values.shape[1]
+    def update(self, fire_counts: torch.Tensor, n_tokens: int) -> None:
+        self.counts += fire_counts
+        self.tokens += n_tokens
 
     def read_and_reset(self) -> torch.Tensor:
         """``[L, F]`` firing frequency (fires per token) over the window; resets the window."""

@@ -147,11 +147,11 @@ def test_dead_stats_count_tokens_and_reset_on_fire():
     model = make("topk", k=2)
     x = torch.randn(L, 10, D_IN, dtype=torch.float64)
     _, codes = model(x)
-    model.update_dead_stats(codes)
+    model.update_dead_stats(codes.fire_counts(F), 10)
     fired = codes.fired(F)
     assert (model.tokens_since_fired[fired] == 0).all()
     assert (model.tokens_since_fired[~fired] == 10).all()
-    model.update_dead_stats(codes)
+    model.update_dead_stats(codes.fire_counts(F), 10)
     assert (model.tokens_since_fired[~fired] == 20).all()
     assert torch.equal(model.dead_mask(20), ~fired)
 
