@@ -43,10 +43,6 @@ class Codes:
         active = (self.values.detach() > 0).to(torch.int64).flatten(1)
         return counts.scatter_add_(1, self.indices.long().flatten(1), active)
 
-    def fired(self, n_features: int) -> torch.Tensor:
-        """``[L, F]`` bool: which features had a positive value anywhere in the batch."""
-        return self.fire_counts(n_features) > 0
-
     def l0(self) -> torch.Tensor:
         """``[L]`` mean number of active (positive) features per token."""
         return (self.values.detach() > 0).sum(dim=-1).float().mean(dim=1)

@@ -148,7 +148,7 @@ def test_dead_stats_count_tokens_and_reset_on_fire():
     x = torch.randn(L, 10, D_IN, dtype=torch.float64)
     _, codes = model(x)
     model.update_dead_stats(codes.fire_counts(F), 10)
-    fired = codes.fired(F)
+    fired = codes.fire_counts(F) > 0
     assert (model.tokens_since_fired[fired] == 0).all()
     assert (model.tokens_since_fired[~fired] == 10).all()
     model.update_dead_stats(codes.fire_counts(F), 10)
