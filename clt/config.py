@@ -335,6 +335,18 @@ class EvalConfig(_Section):
         2048, description="Held-out tokens for the replacement-model metrics (CE, KL, open and "
         "closed loop) at the end of an LM run; 0 = skip."
     )
+    graph_prompts: NonNegativeInt = Field(
+        4, description="Held-out prompts (the first sequences of the split) whose attribution "
+        "graphs give the replacement and completeness scores next to the replacement-model "
+        "metrics; 0 = skip."
+    )
+    graph_prompt_tokens: int = Field(
+        32, ge=2, description="Tokens per attribution prompt, BOS included (at most "
+        "data.lm.seq_len), >= 2."
+    )
+    graph_batch: PositiveInt = Field(
+        32, description="Target nodes per backward pass of the attribution graphs."
+    )
 
 
 class CheckpointConfig(_Section):

@@ -29,6 +29,13 @@ Definitions (all metrics share them):
 
 Reconstruction metrics of ``evaluate_run`` (FVU per layer and total, L0 per layer) come from
 ``clt.trainer.evaluate`` on the non-BOS tokens of the same held-out sequences.
+
+Graph scores of ``evaluate_run`` (``replacement_score``, ``completeness_score``, ``graph_prompts``
+in the ``"open"`` dict: the attribution graph reads the features from the original model's
+activations, as the open loop does): circuit-tracer's replacement and completeness scores of the
+unpruned attribution graphs of the first ``eval.graph_prompts`` held-out sequences, cut to
+``eval.graph_prompt_tokens`` tokens (BOS first), averaged over prompts; definitions in
+:mod:`clt.attribution`. Only for transcoders that write ``hook_mlp_out``.
 """
 
 from __future__ import annotations
@@ -56,6 +63,12 @@ _REPLACEMENT_ROWS = (
     ("ce_recovered", "CE recovered", "{:.4f}"),
     ("kl", "KL(orig || repl) (nats)", "{:.5f}"),
     ("top1_agreement", "top-1 agreement", "{:.4f}"),
+)
+# Rows present only where the graph scores were computed (the "open" dict).
+_GRAPH_ROWS = (
+    ("replacement_score", "graph replacement score", "{:.4f}"),
+    ("completeness_score", "graph completeness score", "{:.4f}"),
+    ("graph_prompts", "graph prompts", "{}"),
 )
 
 
@@ -322,14 +335,20 @@ def evaluate_run(
     n_tokens: int = DEFAULT_TOKENS,
     device: str | torch.device = "cpu",
     modes: Sequence[str] = MODES,
+    graph_prompts: int | None = None,
+    graph_prompt_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run folder's latest checkpoint on held-out text.
 
     Uses the first ``ceil(n_tokens / (T-1))`` held-out sequences (the non-BOS token count is
     then at least ``n_tokens``; fewer if the held-out split ends first). Returns ``run``,
     ``step``, ``tokens`` (non-BOS tokens used), ``fvu`` (list per layer), ``fvu_total``, ``l0``
-    (list per layer) and one dict of :func:`replacement_metrics` per mode under its name.
+    (list per layer) and one dict of :func:`replacement_metrics` per mode under its name; the
+    ``"open"`` dict also holds the graph scores (module docstring) unless there are no graph
+    prompts or the transcoder does not write ``hook_mlp_out``. ``graph_prompts`` and
+    ``graph_prompt_tokens`` default to the run's ``eval`` config.
     """
+    from .attribution import attribution_scores
     from .data.lm import lm_activations
     from .trainer import evaluate
 
@@ -339,18 +358,26 @@ def evaluate_run(
     device = torch.device(device)
     cfg, model, step = _load_run(run_dir, device)
     lm_cfg = cfg.data.lm
+    n_prompts = cfg.eval.graph_prompts if graph_prompts is None else graph_prompts
+    prompt_len = cfg.eval.graph_prompt_tokens if graph_prompt_tokens is None \
+        else graph_prompt_tokens
+    if n_prompts < 0 or prompt_len < 2:
+        raise ValueError(f"need graph_prompts >= 0 and graph_prompt_tokens >= 2, got "
+                         f"{n_prompts} and {prompt_len}")
     lm, stream = _lm_and_stream(cfg, device, lm_cfg.lm_batch_size)
     layers = cfg.resolved_layers or list(range(lm.cfg.n_layers))
     n_seq = math.ceil(n_tokens / (lm_cfg.seq_len - 1))
+    n_load = max(n_seq, n_prompts)
     batches, total = [], 0
     for batch in stream:
-        batches.append(batch[: n_seq - total])
+        batches.append(batch[: n_load - total])
         total += batches[-1].shape[0]
-        if total >= n_seq:
+        if total >= n_load:
             break
     if not batches:
         raise EvaluationError(f"{run_dir}: the held-out split is empty")
-    tokens = torch.cat(batches)  # [n_seq, T]
+    loaded = torch.cat(batches)  # [n_load, T]
+    tokens, prompts = loaded[:n_seq], loaded[:n_prompts, :prompt_len]
 
     pairs = []
     for batch in tokens.split(lm_cfg.lm_batch_size):
@@ -369,6 +396,9 @@ def evaluate_run(
         result[mode] = replacement_metrics(lm, model, tokens, layers, lm_cfg.input_hook,
                                            lm_cfg.output_hook, mode,
                                            batch_size=lm_cfg.lm_batch_size)
+    if "open" in modes and len(prompts) and lm_cfg.output_hook == "hook_mlp_out":
+        result["open"].update(attribution_scores(lm, model, prompts, layers, lm_cfg.input_hook,
+                                                 lm_cfg.output_hook, cfg.eval.graph_batch))
     result["layers"] = list(layers)
     return result
 
@@ -389,7 +419,7 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         if mode not in result:
             continue
         rows += [(f"[{mode}] {label}", fmt.format(result[mode][key]))
-                 for key, label, fmt in _REPLACEMENT_ROWS]
+                 for key, label, fmt in _REPLACEMENT_ROWS + _GRAPH_ROWS if key in result[mode]]
     return rows
 
 
@@ -423,16 +453,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
                         help=f"held-out non-BOS tokens to evaluate on (default {DEFAULT_TOKENS})")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--graph-prompts", type=int, default=None, metavar="P",
+                        help="held-out prompts for the graph scores, 0 = skip (default: the "
+                        "run's eval.graph_prompts)")
+    parser.add_argument("--graph-tokens", type=int, default=None, metavar="T",
+                        help="tokens per graph prompt, BOS included (default: the run's "
+                        "eval.graph_prompt_tokens)")
     args = parser.parse_args(argv)
     runs = ([args.run_dir] if args.run_dir else []) + (args.compare or [])
     if not runs:
         parser.error("give a RUN_DIR or --compare RUN_DIR [RUN_DIR ...]")
     if args.tokens < 1:
         parser.error(f"--tokens must be >= 1, got {args.tokens}")
+    if args.graph_prompts is not None and args.graph_prompts < 0:
+        parser.error(f"--graph-prompts must be >= 0, got {args.graph_prompts}")
+    if args.graph_tokens is not None and args.graph_tokens < 2:
+        parser.error(f"--graph-tokens must be >= 2, got {args.graph_tokens}")
     results = []
     for run in runs:
         try:
-            results.append(evaluate_run(run, n_tokens=args.tokens, device=args.device))
+            results.append(evaluate_run(run, n_tokens=args.tokens, device=args.device,
+                                        graph_prompts=args.graph_prompts,
+                                        graph_prompt_tokens=args.graph_tokens))
         except EvaluationError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)

@@ -258,20 +258,52 @@ def test_evaluate_run_on_a_tiny_run(runs):
         m = result[mode]
         assert m["n_positions"] == 4 * 15 and m["kl"] >= 0 and 0 <= m["top1_agreement"] <= 1
         assert m["ce_delta"] == pytest.approx(m["ce_repl"] - m["ce_orig"])
+    # graph scores: the first eval.graph_prompts (4) held-out sequences (all 17 tokens of each)
+    assert "replacement_score" not in result["closed"]
+    assert result["open"]["graph_prompts"] == 4
+    assert 0 < result["open"]["replacement_score"] < 1
+    assert 0.5 < result["open"]["completeness_score"] < 1
+
+
+def test_evaluate_run_graph_scores_are_the_mean_over_held_out_prompts(runs):
+    from clt.attribution import attribute, graph_scores
+    from clt.evaluate import _lm_and_stream, _load_run, evaluate_run
+
+    result = evaluate_run(runs[0], n_tokens=16, modes=("open",), graph_prompts=6,
+                          graph_prompt_tokens=9)
+    cfg, model, _ = _load_run(runs[0], torch.device("cpu"))
+    lm, stream = _lm_and_stream(cfg, torch.device("cpu"), 6)
+    prompts = next(iter(stream))[:, :9]
+    assert prompts.shape == (6, 9) and (prompts[:, 0] == BOS).all()
+    scores = [graph_scores(attribute(lm, model, p, [0, 1])) for p in prompts]
+    assert result["open"]["graph_prompts"] == 6
+    assert result["open"]["replacement_score"] == pytest.approx(
+        sum(r for r, _ in scores) / 6, rel=1e-6)
+    assert result["open"]["completeness_score"] == pytest.approx(
+        sum(c for _, c in scores) / 6, rel=1e-6)
+    none = evaluate_run(runs[0], n_tokens=16, modes=("open",), graph_prompts=0)
+    assert "replacement_score" not in none["open"]
 
 
 def test_cli_table_compare_and_errors(runs, tmp_path, capsys):
     main([str(runs[0]), "--tokens", "32"])
     out = capsys.readouterr().out
     for label in ("FVU total", "FVU layer 1", "L0 layer 0", "[open] CE recovered",
-                  "[closed] KL(orig || repl)", "[closed] top-1 agreement", "delta CE"):
+                  "[closed] KL(orig || repl)", "[closed] top-1 agreement", "delta CE",
+                  "[open] graph replacement score", "[open] graph completeness score"):
         assert label in out
+    assert "[closed] graph" not in out
     lines = out.splitlines()
     assert lines[0].split() == ["metric", "k2"] and set(lines[1]) == {"-", " "}
 
-    main(["--compare", str(runs[0]), str(runs[1]), "--tokens", "32"])
-    header = capsys.readouterr().out.splitlines()[0].split()
-    assert header == ["metric", "k2", "k6"]
+    main(["--compare", str(runs[0]), str(runs[1]), "--tokens", "32", "--graph-prompts", "0"])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["metric", "k2", "k6"]
+    assert "graph" not in out
+    for bad in (["--graph-prompts", "-1"], ["--graph-tokens", "1"]):
+        with pytest.raises(SystemExit) as exc:
+            main([str(runs[0]), *bad])
+        assert exc.value.code == 2 and bad[0] in capsys.readouterr().err
 
     no_checkpoint = tmp_path / "no_checkpoint"
     no_checkpoint.mkdir()
