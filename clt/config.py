@@ -278,7 +278,8 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     steps: PositiveInt = Field(..., description="Optimizer steps, > 0.")
     batch_tokens: PositiveInt = Field(
-        4096, description="Tokens per optimizer step (N), divisible by grad_accum * parallel.data."
+        4096, description="Tokens per optimizer step (N) over all data-parallel replicas, "
+        "divisible by grad_accum * parallel.data * parallel.tensor."
     )
     lr: PositiveFloat = Field(2e-4, description="Peak learning rate, > 0.")
     warmup_steps: NonNegativeInt = Field(
@@ -316,6 +317,10 @@ class TrainConfig(_Section):
 class ParallelConfig(_Section):
     data: PositiveInt = Field(1, description="Data-parallel ranks.")
     tensor: PositiveInt = Field(1, description="Tensor-parallel ranks (shard features).")
+    timeout_s: PositiveFloat = Field(
+        600.0, description="Seconds a collective may wait for the other ranks before the run "
+        "fails with an error (a dead or stuck rank never hangs the others forever)."
+    )
 
 
 class LoggingConfig(_Section):
@@ -446,11 +451,17 @@ class Config(_Section):
         return problems
 
     def _batch_problems(self) -> list[tuple[str, str]]:
-        per_step = self.train.grad_accum * self.parallel.data
-        if self.train.batch_tokens % per_step == 0:
-            return []
-        msg = f"must be divisible by train.grad_accum * parallel.data = {per_step}"
-        return [("train.batch_tokens", f"{msg} (got {self.train.batch_tokens})")]
+        problems = []
+        par = self.parallel
+        per_step = self.train.grad_accum * par.data * par.tensor
+        if self.train.batch_tokens % per_step:
+            msg = (f"must be divisible by train.grad_accum * parallel.data * parallel.tensor = "
+                   f"{per_step} (each tensor-parallel rank produces a slice of the batch)")
+            problems.append(("train.batch_tokens", f"{msg} (got {self.train.batch_tokens})"))
+        if self.train.mixed_precision == "fp16" and par.data * par.tensor > 1:
+            problems.append(("train.mixed_precision", "fp16 needs a loss scaler whose overflow "
+                             "check is per rank; use bf16 with parallel.data or .tensor > 1"))
+        return problems
 
     def _schedule_problems(self) -> list[tuple[str, str]]:
         steps, problems = self.train.steps, []

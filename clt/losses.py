@@ -13,6 +13,7 @@ import torch
 import kernels
 
 from .model import Codes, CrossLayerTranscoder
+from .parallel import Mesh
 
 # Cap on AuxK's k when the config leaves it unset (Gao et al. use 512).
 DEFAULT_AUXK_K = 512
@@ -86,6 +87,7 @@ def auxk_loss(
     y: torch.Tensor,
     yhat: torch.Tensor,
     weights: LossWeights,
+    mesh: Mesh | None = None,
 ) -> torch.Tensor | None:
     """AuxK: the top ``k_aux`` dead features fit the detached residual ``e = y - yhat``.
 
@@ -96,11 +98,10 @@ def auxk_loss(
     ``alpha`` would be ``~d_out`` times weaker than intended. None when no feature is dead.
     """
     dead = model.dead_mask(weights.dead_tokens)
-    k_aux = min(weights.auxk_k or DEFAULT_AUXK_K, model.n_features)
-    codes = model.auxk_codes(x, dead, k_aux)
+    codes = model.auxk_codes(x, dead, weights.auxk_k or DEFAULT_AUXK_K)  # k <= dead count
     if codes is None:
         return None
-    return auxk_fit(model, dead, y, yhat, model.decode(codes, bias=False))
+    return auxk_fit(model, dead, y, yhat, model.decode(codes, bias=False), mesh)
 
 
 def auxk_fit(
@@ -109,16 +110,34 @@ def auxk_fit(
     y: torch.Tensor,
     yhat: torch.Tensor,
     e_aux: torch.Tensor,
+    mesh: Mesh | None = None,
 ) -> torch.Tensor:
     """AuxK's normalised fit of the detached residual by ``e_aux [L, N, d_out]`` (see
-    :func:`auxk_loss`), summed over the target layers that a dead source feature reaches."""
+    :func:`auxk_loss`), summed over the target layers that a dead source feature reaches.
+
+    With data parallelism the variances are those of the whole batch (all replicas) and the
+    replica's share of the numerator is scaled so that the averaged gradients equal one process's.
+    """
+    mesh = mesh or Mesh.single()
     e = (y - yhat).detach()
-    has_dead = dead.any(dim=1)
+    has_dead = mesh.tp_sum(dead.sum(dim=1)) > 0  # [L] over the features of every shard
     reached = torch.stack([has_dead[list(model.layout.sources_of(t))].any()
                            for t in range(model.n_layers)])
-    ratio = (e - e_aux).pow(2).sum(dim=(1, 2)) / total_variance(e).clamp_min(1e-12)
-    scale = (total_variance(y) / y.shape[1]).detach()
+    var_e, var_y = batch_variance(e, mesh), batch_variance(y.detach(), mesh)
+    ratio = (e - e_aux).pow(2).sum(dim=(1, 2)) * mesh.dp_size / var_e.clamp_min(1e-12)
+    scale = var_y / (y.shape[1] * mesh.dp_size)
     return (ratio * scale)[reached].sum()
+
+
+def batch_variance(t: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """``[L]`` :func:`total_variance` of the batch of all data-parallel replicas (no gradient)."""
+    if mesh.dp_size == 1:
+        return total_variance(t)
+    t = t.double()
+    n = t.new_tensor([t.shape[1]] * t.shape[0])
+    moments = mesh.dp_sum(torch.stack([t.pow(2).sum(dim=(1, 2)), n]))  # [2, L]
+    s1 = mesh.dp_sum(t.sum(dim=1))  # [L, d]
+    return (moments[0] - s1.pow(2).sum(dim=-1) / moments[1]).to(torch.float32)
 
 
 def compute_losses(
@@ -127,8 +146,13 @@ def compute_losses(
     y: torch.Tensor,
     weights: LossWeights,
     step: int,
+    mesh: Mesh | None = None,
 ) -> LossOutput:
-    """Forward pass and every loss term on standardized ``x [L, N, d_in]``, ``y [L, N, d_out]``."""
+    """Forward pass and every loss term on standardized ``x [L, N, d_in]``, ``y [L, N, d_out]``.
+
+    ``mesh``: with a feature-sharded model the terms summed over features are summed over the
+    tensor-parallel ranks, so every rank holds the same total (see ``clt.parallel``)."""
+    mesh = mesh or Mesh.single()
     yhat, codes = model(x)
     terms = {"mse": reconstruction_loss(y, yhat)}
     needs_norms = weights.sparsity_coef > 0 or (weights.preact_coef > 0 and codes.pre is not None)
@@ -136,15 +160,16 @@ def compute_losses(
     ramp = sparsity_ramp(step, weights.sparsity_warmup_steps)
     if weights.sparsity_coef > 0:
         penalty = tanh_penalty(codes, dec_norms, weights.sparsity_c)
-        terms["sparsity"] = weights.sparsity_coef * ramp * penalty
+        terms["sparsity"] = weights.sparsity_coef * ramp * mesh.tp_sum(penalty)
     if codes.pre is not None and weights.preact_coef > 0:
         theta = model.log_threshold.exp() if model.nonlinearity == "jumprelu" else None
-        terms["preact"] = weights.preact_coef * preact_loss(codes.pre, theta, dec_norms)
+        preact = mesh.tp_sum(preact_loss(codes.pre, theta, dec_norms))
+        terms["preact"] = weights.preact_coef * preact
     if model.nonlinearity == "jumprelu" and weights.l0_coef > 0:
         l0 = l0_penalty(codes.pre, model.log_threshold, model.jumprelu_bandwidth)
-        terms["l0"] = weights.l0_coef * ramp * l0
+        terms["l0"] = weights.l0_coef * ramp * mesh.tp_sum(l0)
     if model.nonlinearity in ("topk", "batchtopk") and weights.auxk_alpha > 0:
-        aux = auxk_loss(model, x, y, yhat, weights)
+        aux = auxk_loss(model, x, y, yhat, weights, mesh)
         if aux is not None:
             terms["auxk"] = weights.auxk_alpha * aux
     total = torch.stack(list(terms.values())).sum()

@@ -211,12 +211,19 @@ class CrossLayerTranscoder(nn.Module):
 
         Encodes only the dead columns of each layer, so the cost scales with the dead count.
         """
-        n_dead = dead.sum(dim=1)  # [L]
-        if int(n_dead.max()) == 0:
+        n_dead = int(dead.sum(dim=1).max())
+        if n_dead == 0:
             return None
-        K = min(k_aux, int(n_dead.max()))
+        pre, indices = self.auxk_candidates(x, dead, min(k_aux, n_dead))
+        return Codes(torch.relu(pre), indices)  # relu(-inf) = 0: empty slots are padding
+
+    def auxk_candidates(
+        self, x: torch.Tensor, dead: torch.Tensor, K: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[L, N, K]`` largest pre-activations of each layer's dead features and their feature
+        indices, by decreasing value; slots beyond a layer's dead count hold ``-inf`` (index 0)."""
         L, N, _ = x.shape
-        values = x.new_zeros(L, N, K)
+        values = x.new_full((L, N, K), -math.inf)
         indices = torch.zeros(L, N, K, dtype=torch.int64, device=x.device)
         for layer in range(L):
             cols = dead[layer].nonzero().squeeze(1)
@@ -226,9 +233,9 @@ class CrossLayerTranscoder(nn.Module):
             W = self.W_enc[layer].index_select(1, cols).unsqueeze(0)  # [1, d_in, n_dead]
             b = self.b_enc[layer].index_select(0, cols).unsqueeze(0)
             v, i = kernels.encode_topk(x[layer : layer + 1], W, b, k_layer)
-            values[layer, :, :k_layer] = torch.relu(v[0])
+            values[layer, :, :k_layer] = v[0]
             indices[layer, :, :k_layer] = cols[i[0]]
-        return Codes(values, indices)
+        return values, indices
 
     @torch.no_grad()
     def folded_copy(self) -> CrossLayerTranscoder:

@@ -117,8 +117,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(
     config, run_dir = write_config(tmp_path)
     real = clt.trainer.compute_losses
 
-    def nan_from_step_4(model, x, y, weights, step):
-        out = real(model, x, y, weights, step)
+    def nan_from_step_4(model, x, y, weights, step, *args):
+        out = real(model, x, y, weights, step, *args)
         if step >= 4:
             out.total = out.total * float("nan")
         return out
