@@ -11,6 +11,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -18,6 +19,7 @@ import torch
 
 from .losses import LossOutput, LossWeights, compute_losses, total_variance
 from .model import CrossLayerTranscoder
+from .parallel import GradSync, Mesh, ShardedCLT, clip_grad_norm
 
 if TYPE_CHECKING:  # pydantic stays off the import path of the step itself (GPU bench machines)
     from .config import Config, TrainConfig
@@ -38,12 +40,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: Config, d_in: int, d_out: int, device: torch.device) -> CrossLayerTranscoder:
+def build_model(
+    cfg: Config, d_in: int, d_out: int, device: torch.device, mesh: Mesh | None = None
+) -> CrossLayerTranscoder:
+    """The transcoder of a config; in a multi-process ``mesh``, this rank's feature shard (all
+    features without tensor parallelism: BatchTopK still selects over every replica's tokens)."""
     n_layers = cfg.n_layers
     if n_layers is None:
         raise ValueError("the number of trained layers is unknown: set model.layers")
     nl = cfg.nonlinearity
-    return CrossLayerTranscoder(
+    sharded = mesh is not None and mesh.world_size > 1
+    cls = partial(ShardedCLT, mesh) if sharded else CrossLayerTranscoder
+    return cls(
         n_layers=n_layers,
         d_in=d_in,
         d_out=d_out,
@@ -65,11 +73,15 @@ def loss_weights(cfg: Config) -> LossWeights:
 
 
 def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or AdamW, fused on CUDA (one kernel over all parameters)."""
-    fused = all(p.is_cuda for p in model.parameters())
+    """Adam or AdamW, fused (one pass over each parameter, its gradient and both moments) on CUDA
+    and on CPU, where torch >= 2.4 has a fused kernel too. On 2 CPU threads at L=12, d=768,
+    F=4096 (283 M parameters) a step takes 0.11 s fused against 0.6-1.5 s for the default
+    foreach implementation, whose temporaries are parameter-sized."""
+    params = list(model.parameters())
+    fused = len({p.device.type for p in params}) == 1 and params[0].device.type in ("cuda", "cpu")
     cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=tcfg.lr, betas=tcfg.betas,
-               weight_decay=tcfg.weight_decay, fused=fused or None)
+    return cls(params, lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay,
+               fused=fused or None)
 
 
 def lr_factor(tcfg: TrainConfig) -> Callable[[int], float]:
@@ -122,29 +134,46 @@ def train_step(
     tcfg: TrainConfig,
     scaler: torch.amp.GradScaler | None = None,
     counter: FiringCounter | None = None,
+    mesh: Mesh | None = None,
+    grad_sync: GradSync | None = None,
 ) -> dict[str, torch.Tensor]:
     """One optimizer step over ``grad_accum`` micro-batches; returns detached metric tensors
-    (no host sync here: the caller decides when to read them, e.g. ``nonfinite``)."""
+    (no host sync here: the caller decides when to read them, e.g. ``nonfinite``).
+
+    With a ``mesh``: losses are replicated in the tensor-parallel group, ``grad_sync`` averages
+    gradients over data-parallel replicas (overlapping the last backward), firing counts are
+    summed over replicas (so every replica's dead-feature mask agrees), and the gradient norm is
+    the full model's. Metrics are this replica's (see ``Mesh.dp_mean_metrics``).
+    """
+    mesh = mesh or Mesh.single()
     model.train()
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, torch.Tensor] = {}
     device = model.W_enc.device
-    for _ in range(tcfg.grad_accum):
+    for micro in range(tcfg.grad_accum):
         x, y = next(batches)
         with autocast(device, tcfg.mixed_precision):
-            out = compute_losses(model, x, y, weights, step)
+            out = compute_losses(model, x, y, weights, step, mesh)
         loss = out.total / tcfg.grad_accum
+        if grad_sync is not None and micro == tcfg.grad_accum - 1:
+            grad_sync.arm()
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        fire_counts = out.codes.fire_counts(model.n_features)  # [L, F]
-        model.update_dead_stats(fire_counts, x.shape[1])
+        fire_counts = mesh.dp_sum(out.codes.fire_counts(model.n_features))  # [L, F local]
+        n_tokens = x.shape[1] * mesh.dp_size
+        model.update_dead_stats(fire_counts, n_tokens)
         if counter is not None:
-            counter.update(fire_counts, x.shape[1])
-        for name, value in _metrics(out, y).items():
+            counter.update(fire_counts, n_tokens)
+        for name, value in _metrics(out, y, mesh).items():
             sums[name] = sums.get(name, 0) + value / tcfg.grad_accum
+    if grad_sync is not None:
+        grad_sync.finish()
     if scaler is not None:
         scaler.unscale_(optimizer)
     if tcfg.grad_clip is not None:
-        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        if mesh.tp_size > 1:
+            sums["grad_norm"] = clip_grad_norm(model, tcfg.grad_clip, mesh)
+        else:
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -154,14 +183,14 @@ def train_step(
     return sums
 
 
-def _metrics(out: LossOutput, y: torch.Tensor) -> dict[str, torch.Tensor]:
+def _metrics(out: LossOutput, y: torch.Tensor, mesh: Mesh) -> dict[str, torch.Tensor]:
     total = out.total.detach()
     metrics = {"loss": total, "nonfinite": (~torch.isfinite(total)).float()}
     metrics.update({f"loss/{k}": v.detach() for k, v in out.terms.items()})
     metrics["fvu"] = out.fvu
     err = (y.detach() - out.yhat.detach()).float().pow(2).sum()
     metrics["fvu_total"] = err / total_variance(y.detach().float()).sum()
-    metrics["l0"] = out.codes.l0()
+    metrics["l0"] = mesh.tp_sum(out.codes.l0())  # codes hold this rank's features only
     return metrics
 
 
@@ -210,11 +239,14 @@ def frequency_histogram(freq: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(
-    model: CrossLayerTranscoder, batches: list[tuple[torch.Tensor, torch.Tensor]]
+    model: CrossLayerTranscoder, batches: list[tuple[torch.Tensor, torch.Tensor]],
+    mesh: Mesh | None = None,
 ) -> dict[str, torch.Tensor]:
     """Held-out metrics in eval mode: FVU per layer and total (ratios of sums over all tokens),
     L0 per layer, and ``eval/freq [L, F]``, each feature's firing frequency (for plots; not a
-    scalar metric: pop it before logging)."""
+    scalar metric: pop it before logging). A sharded model is evaluated by every rank of its
+    tensor-parallel group (the forward is collective); ``freq`` covers all ``F`` features."""
+    mesh = mesh or Mesh.single()
     was_training = model.training
     model.eval()
     err = fires = y_sum = y_sq = 0
@@ -231,7 +263,7 @@ def evaluate(
         tokens += x.shape[1]
     model.train(was_training)
     var = y_sq - y_sum.pow(2).sum(dim=-1) / tokens
-    freq = fires.double() / tokens
+    freq = mesh.gather_features(fires).double() / tokens
     return {"eval/fvu": err / var, "eval/fvu_total": err.sum() / var.sum(),
             "eval/l0": freq.sum(dim=1).float(), "eval/freq": freq}
 
