@@ -350,7 +350,7 @@ class EvalConfig(_Section):
         "data.lm.seq_len), >= 2."
     )
     graph_batch: PositiveInt = Field(
-        32, description="Target nodes per backward pass of the attribution graphs."
+        64, description="Target nodes per backward pass of the attribution graphs."
     )
 
 
