@@ -4,18 +4,19 @@
     python train.py configs/topk-clt.json --set train.steps=50 --set model.n_features=512
     python train.py --resume runs/NAME                          # continue from the last checkpoint
     python train.py --help                                      # every config field
+    torchrun --standalone --nproc_per_node=2 train.py configs/topk-clt.json \
+        --set parallel.tensor=2                                 # feature-sharded over 2 processes
 
-Reads top to bottom: config -> seed -> data -> model -> standardization (or resume) -> optimizer
--> loop (log, evaluate, checkpoint) -> summary -> teardown. Single process: tensor/data
-parallelism under torchrun is not implemented yet and is refused with a clear message.
-Exit status: 0 done, 1 training diverged (NaN/inf loss; the last good checkpoint is kept),
-2 bad config, command line or checkpoint.
+Reads top to bottom: config -> process group -> seed -> data -> model -> standardization (or
+resume) -> optimizer -> loop (log, evaluate, checkpoint) -> summary -> teardown. Under torchrun
+every process runs this file; rank 0 logs, plots and evaluates the replacement model.
+Exit status: 0 done, 1 training diverged (NaN/inf loss; the last good checkpoint is kept) or a
+rank failed, 2 bad config, command line or checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,15 +28,26 @@ from clt.checkpoint import (
     CheckpointError,
     check_compatible,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     load_model_state,
     rng_state,
     save_checkpoint,
+    save_sharded_checkpoint,
     set_rng_state,
 )
 from clt.config import main_config
 from clt.data import build_source
 from clt.evaluate import MODES, evaluate_run, format_table
+from clt.parallel import (
+    GradSync,
+    Mesh,
+    ShardedSource,
+    init_mesh,
+    local_states,
+    shard_parameters,
+    shutdown,
+)
 from clt.plots import plot_feature_density, plot_layer_metrics
 from clt.trainer import (
     FiringCounter,
@@ -58,14 +70,16 @@ def fail(message: str, status: int = 2) -> None:
     sys.exit(status)
 
 
-def profiler(run_dir: Path, steps: int, device: torch.device):
-    """torch.profiler over ``steps`` steps after one warmup step, written as a Chrome trace."""
+def profiler(run_dir: Path, steps: int, device: torch.device, mesh: Mesh):
+    """torch.profiler over ``steps`` steps after one warmup step, written as a Chrome trace
+    (one per rank in a parallel run)."""
     if steps == 0:
         return contextlib.nullcontext()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    trace = run_dir / "profile_trace.json"
+    suffix = f"_rank{mesh.rank}" if mesh.world_size > 1 else ""
+    trace = run_dir / f"profile_trace{suffix}.json"
     return torch.profiler.profile(
         activities=activities,
         schedule=torch.profiler.schedule(wait=0, warmup=1, active=steps, repeat=1),
@@ -86,10 +100,49 @@ def write_plots(run_dir: Path, step: int, held_out: dict) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, args = main_config(argv)
-    if cfg.parallel.data * cfg.parallel.tensor > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        fail("parallel.data/parallel.tensor > 1 and torchrun launches are not implemented yet")
+    try:
+        mesh = init_mesh(cfg.parallel.tensor, cfg.parallel.data, cfg.parallel.timeout_s)
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        train(cfg, args, mesh)
+    except Exception as exc:
+        if mesh.world_size > 1:  # name the rank: the other ranks only see a broken collective
+            print(f"error: rank {mesh.rank} of {mesh.world_size} failed: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        raise
+    finally:
+        shutdown(mesh)
+
+
+def restore(resume: dict, path: Path, cfg, mesh: Mesh, model, optimizer, scheduler, counter,
+            scaler, source) -> int:
+    """Load a (merged) checkpoint into this rank's objects; returns the first step to run.
+    Data positions and RNG states resume exactly when the process layout is unchanged."""
+    model_state, optimizer_state, counter_state = local_states(resume, model, mesh,
+                                                               cfg.model.n_features)
+    try:  # standardization statistics come from the checkpoint, never re-estimated
+        load_model_state(model, model_state, path)
+    except CheckpointError as exc:
+        fail(str(exc))
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(resume["scheduler"])
+    counter.load_state_dict(counter_state)
+    if scaler is not None and resume.get("scaler"):
+        scaler.load_state_dict(resume["scaler"])
+    if resume["layout"] == {"tensor": mesh.tp_size, "data": mesh.dp_size}:
+        source.load_state_dict(resume["ranks"][mesh.rank]["data"])
+        set_rng_state(resume["ranks"][mesh.rank]["rng"])
+    elif mesh.is_main:
+        print(f"warning: {path} was written by {resume['layout']} (tensor, data) ranks, this run "
+              f"has tensor={mesh.tp_size}, data={mesh.dp_size}: the model and optimizer are "
+              "re-sharded, the data streams start afresh from the beginning", file=sys.stderr)
+    return resume["step"] + 1
+
+
+def train(cfg, args, mesh: Mesh) -> None:
     tcfg = cfg.train
-    resume = None
+    resume = path = None
     if args.resume:
         try:
             path = latest_checkpoint(Path(args.resume))
@@ -97,16 +150,20 @@ def main(argv: list[str] | None = None) -> None:
             check_compatible(resume["config"], cfg, path)
         except CheckpointError as exc:
             fail(str(exc))
-    torch.manual_seed(tcfg.seed)
+    torch.manual_seed(tcfg.seed + mesh.tp_rank)  # feature shards differ, replicas agree
 
     device = resolve_device(tcfg.device)
-    source = build_source(cfg, device)
-    model = build_model(cfg, source.d_in, source.d_out, device)
+    source = build_source(cfg, device, shard=(mesh.rank, mesh.world_size))
+    if mesh.tp_size > 1:
+        source = ShardedSource(source, mesh)
+    model = build_model(cfg, source.d_in, source.d_out, device, mesh)
     if resume is None:
         fit_batch = min(tcfg.batch_tokens, cfg.data.standardize_tokens)
+        fit_batch = max(fit_batch - fit_batch % mesh.tp_size, mesh.tp_size)
         model.standardizer.fit(
             iter(lambda: source.next_batch(fit_batch), None), cfg.data.standardize_tokens
         )
+        mesh.broadcast_(model.standardizer.buffers())  # one set of statistics for every rank
     heldout = source.heldout_batches(cfg.eval.tokens)
     optimizer = build_optimizer(model, tcfg)
     scheduler = build_scheduler(optimizer, tcfg)
@@ -114,85 +171,93 @@ def main(argv: list[str] | None = None) -> None:
     counter = FiringCounter(model.n_layers, model.n_features, device)
     first_step = 1
     if resume is not None:
-        # standardization statistics come from the checkpoint, never re-estimated
-        try:
-            load_model_state(model, resume["model"], path)
-        except CheckpointError as exc:
-            fail(str(exc))
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        counter.load_state_dict(resume["counter"])
-        if scaler is not None and "scaler" in resume:
-            scaler.load_state_dict(resume["scaler"])
-        source.load_state_dict(resume["data"])
-        set_rng_state(resume["rng"])
-        first_step = resume["step"] + 1
-    run_dir = Path(args.resume) if args.resume else make_run_dir(cfg)
+        first_step = restore(resume, path, cfg, mesh, model, optimizer, scheduler, counter,
+                             scaler, source)
+    run_dir = Path(args.resume) if args.resume else make_run_dir(cfg) if mesh.is_main else None
+    run_dir = Path(mesh.broadcast_object(str(run_dir)))
     weights = loss_weights(cfg)
-    batches = standardized_batches(model, source, tcfg.batch_tokens // tcfg.grad_accum)
-    log = MetricsLog(run_dir, cfg)
-    print(f"run {run_dir}: L={model.n_layers} d_in={model.d_in} d_out={model.d_out} "
-          f"F={model.n_features} R={model.reach} {model.nonlinearity}, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"standardized on {int(model.standardizer.n_tokens)} tokens, from step {first_step}")
+    batches = standardized_batches(model, source,
+                                   tcfg.batch_tokens // tcfg.grad_accum // mesh.dp_size)
+    grad_sync = GradSync(model.parameters(), mesh) if mesh.dp_size > 1 else None
+    log = MetricsLog(run_dir, cfg, write=mesh.is_main)
+    n_params = sum(p.numel() for p in model.parameters())
+    if mesh.is_main:
+        print(f"run {run_dir}: L={model.n_layers} d_in={model.d_in} d_out={model.d_out} "
+              f"F={cfg.model.n_features} R={model.reach} {model.nonlinearity}, "
+              f"{n_params:,} parameters{' per tensor-parallel rank' if mesh.tp_size > 1 else ''}"
+              f", standardized on {int(model.standardizer.n_tokens)} tokens, from step "
+              f"{first_step}; processes: tensor={mesh.tp_size} x data={mesh.dp_size}")
 
     def save(step: int) -> Path:
-        return save_checkpoint(run_dir, step, cfg.checkpoint.keep_last, {
-            "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "counter": counter.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "data": source.state_dict(), "rng": rng_state(),
-            "config": cfg.model_dump(mode="json"),
-        })
+        common = {"step": step, "scheduler": scheduler.state_dict(),
+                  "scaler": scaler.state_dict() if scaler is not None else None,
+                  "config": cfg.model_dump(mode="json")}
+        shard = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "counter": counter.state_dict()}
+        rank_state = {"data": source.state_dict(), "rng": rng_state()}
+        if mesh.world_size == 1:
+            return save_checkpoint(run_dir, step, cfg.checkpoint.keep_last,
+                                   {**common, **shard, **rank_state})
+        layout = [model.n_layers, cfg.model.n_features, model.reach]
+        manifest = {"layout": layout, "param_names": shard_parameters(model)}
+        return save_sharded_checkpoint(run_dir, step, cfg.checkpoint.keep_last, mesh, manifest,
+                                       common, shard, rank_state)
 
     nonfinite = torch.zeros((), device=device)
     eval_metrics: dict[str, float] = {}
     start = time.perf_counter()
     steps = range(first_step, tcfg.steps + 1)
     try:
-        with profiler(run_dir, tcfg.profile_steps, device) as prof:
-            progress = tqdm(steps, unit="step", initial=first_step - 1, total=tcfg.steps)
+        with profiler(run_dir, tcfg.profile_steps, device, mesh) as prof:
+            progress = tqdm(steps, unit="step", initial=first_step - 1, total=tcfg.steps,
+                            disable=not mesh.is_main)
             for step in progress:
                 metrics = train_step(model, optimizer, scheduler, batches, weights, step - 1, tcfg,
-                                     scaler, counter)
+                                     scaler, counter, mesh, grad_sync)
                 nonfinite += metrics.pop("nonfinite")
                 if prof is not None:
                     prof.step()
                 last = step == tcfg.steps
                 check_now = last or any(step % every == 0 for every in
                                         (cfg.logging.every, cfg.eval.every, cfg.checkpoint.every))
-                if check_now and nonfinite.item() > 0:
-                    good = sorted(run_dir.glob("step_*.pt"))
+                if check_now and mesh.world_max(nonfinite).item() > 0:
+                    good = list_checkpoints(run_dir)
                     fail(f"the loss became NaN or inf at or before step {step}; stopped without "
                          f"saving. Last good checkpoint: {good[-1] if good else 'none'}", status=1)
                 if step % cfg.logging.every == 0 or last:
                     tokens = (step - first_step + 1) * tcfg.batch_tokens
-                    metrics["dead_fraction"] = model.dead_mask(weights.dead_tokens).float().mean(1)
+                    metrics = mesh.dp_mean_metrics(metrics)
+                    dead = model.dead_mask(weights.dead_tokens).float()
+                    metrics["dead_fraction"] = mesh.gather_features(dead).mean(1)
                     metrics["lr"] = scheduler.get_last_lr()[0]
                     metrics["tokens"] = step * tcfg.batch_tokens
                     metrics["tokens_per_s"] = tokens / (time.perf_counter() - start)
-                    flat = log.log(step, metrics, frequency_histogram(counter.read_and_reset()))
+                    freq = mesh.gather_features(counter.read_and_reset())
+                    flat = log.log(step, metrics, frequency_histogram(freq))
                     progress.set_postfix(tokens=f"{int(flat['tokens']):,}",
                                          loss=f"{flat['loss']:.4g}", fvu=f"{flat['fvu_total']:.3f}",
                                          l0=f"{flat['l0/mean']:.1f}",
                                          tok_s=f"{flat['tokens_per_s']:.0f}")
                 if step % cfg.eval.every == 0 or last:
-                    held_out = evaluate(model, heldout)
-                    plots = write_plots(run_dir, step, held_out)
+                    held_out = evaluate(model, heldout, mesh)
+                    plots = write_plots(run_dir, step, held_out) if mesh.is_main else {}
+                    held_out.pop("eval/freq", None)
                     eval_metrics = log.log(step, held_out, images=plots)
-                    progress.write(f"step {step}: held-out FVU {eval_metrics['eval/fvu_total']:.4f}"
-                                   f", L0 {eval_metrics['eval/l0/mean']:.1f}")
+                    if mesh.is_main:
+                        progress.write(f"step {step}: held-out FVU "
+                                       f"{eval_metrics['eval/fvu_total']:.4f}, L0 "
+                                       f"{eval_metrics['eval/l0/mean']:.1f}")
                 if step % cfg.checkpoint.every == 0 or last:
                     save(step)
         replacement = None
-        if cfg.data.source == "lm" and cfg.eval.replacement_tokens > 0:
+        if mesh.is_main and cfg.data.source == "lm" and cfg.eval.replacement_tokens > 0:
             replacement = evaluate_run(run_dir, cfg.eval.replacement_tokens, device)
             log.log(tcfg.steps, {f"replacement/{mode}/{name}": value
                                  for mode in MODES for name, value in replacement[mode].items()})
     finally:
         log.close()
         source.close()
-    if eval_metrics:
+    if eval_metrics and mesh.is_main:
         per_layer = " ".join(f"{eval_metrics[f'eval/fvu/l{i}']:.3f}"
                              for i in range(model.n_layers))
         print(f"done in {time.perf_counter() - start:.0f} s: held-out FVU "

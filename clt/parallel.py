@@ -135,6 +135,14 @@ class Mesh:
         for t in tensors:
             dist.broadcast(t, src=0, group=self.world_group)
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Global rank 0's ``obj`` (picklable) on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.world_group)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(group=self.world_group)
@@ -178,19 +186,22 @@ def init_mesh(tensor: int, data: int, timeout_s: float, backend: str | None = No
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return mesh_from_group(tensor, data)
+    return mesh_from_group(tensor, data, timeout_s)
 
 
-def mesh_from_group(tensor: int, data: int) -> Mesh:
-    """The mesh over an initialised default process group (every rank must call this)."""
+def mesh_from_group(tensor: int, data: int, timeout_s: float = 600.0) -> Mesh:
+    """The mesh over an initialised default process group (every rank must call this).
+    ``timeout_s`` bounds every collective of the sub-groups (they do not inherit the default
+    group's timeout)."""
     rank = dist.get_rank()
+    timeout = datetime.timedelta(seconds=timeout_s)
     tp_group = dp_group = None
     for d in range(data):  # new_group is collective: every rank creates every group, in order
-        group = dist.new_group([d * tensor + t for t in range(tensor)])
+        group = dist.new_group([d * tensor + t for t in range(tensor)], timeout=timeout)
         if rank // tensor == d:
             tp_group = group
     for t in range(tensor):
-        group = dist.new_group([d * tensor + t for d in range(data)])
+        group = dist.new_group([d * tensor + t for d in range(data)], timeout=timeout)
         if rank % tensor == t:
             dp_group = group
     return Mesh(tensor, data, rank, tp_group, dp_group, dist.group.WORLD)
@@ -394,6 +405,21 @@ def _is_moment(v: Any) -> bool:
 
 def shard_parameters(model: CrossLayerTranscoder) -> list[str]:
     return [name for name, _ in model.named_parameters()]
+
+
+def local_states(state: dict, model: CrossLayerTranscoder, mesh: Mesh,
+                 n_features: int) -> tuple[dict, dict, dict]:
+    """This rank's model, optimizer and firing-counter states from a full (merged) checkpoint
+    of a model with ``n_features`` features: re-sharding for any tensor-parallel size."""
+    if mesh.tp_size == 1:
+        return state["model"], state["optimizer"], state["counter"]
+    layout = kernels.DecoderLayout(model.n_layers, n_features, model.reach)
+    r, P = mesh.tp_rank, mesh.tp_size
+    counter = {**state["counter"],
+               "counts": shard_tensor("counts", state["counter"]["counts"], r, P, layout)}
+    return (shard_model_state(state["model"], r, P, layout),
+            shard_optimizer_state(state["optimizer"], shard_parameters(model), r, P, layout),
+            counter)
 
 
 # ---- data parallel gradients and the global gradient norm -------------------------------------

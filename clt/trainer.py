@@ -269,12 +269,13 @@ def evaluate(
 
 
 class MetricsLog:
-    """Metrics as JSON lines in the run folder (readable without wandb), plus wandb if enabled."""
+    """Metrics as JSON lines in the run folder (readable without wandb), plus wandb if enabled.
+    ``write=False`` (every rank but 0 of a parallel run) only flattens."""
 
-    def __init__(self, run_dir: Path, cfg: Config) -> None:
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+    def __init__(self, run_dir: Path, cfg: Config, write: bool = True) -> None:
+        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1) if write else None
         self.wandb = None
-        if cfg.logging.wandb_mode != "disabled":
+        if write and cfg.logging.wandb_mode != "disabled":
             import wandb
 
             self.wandb = wandb.init(
@@ -288,6 +289,8 @@ class MetricsLog:
     ) -> dict[str, float]:
         """Write one JSON line; PNG ``images`` go to wandb (the files stay in the run folder)."""
         flat = {**flatten_metrics(metrics), **(extra or {})}
+        if self.file is None:
+            return flat
         self.file.write(json.dumps({"step": step, **flat}) + "\n")
         if self.wandb is not None:
             import wandb
@@ -297,7 +300,8 @@ class MetricsLog:
         return flat
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
 

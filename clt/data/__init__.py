@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..config import Config
@@ -15,8 +17,9 @@ def _byte_ids(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
-def build_source(cfg: Config, device: torch.device):
-    """The activation source a config asks for.
+def build_source(cfg: Config, device: torch.device, shard: tuple[int, int] = (0, 1)):
+    """The activation source a config asks for; ``shard = (i, n)``: the i-th of n disjoint
+    training streams (one per process of a parallel run), the held-out data is shared.
 
     Returns an object with ``d_in``, ``d_out``, ``next_batch(n)``, ``heldout_batches(n)``,
     ``state_dict()``, ``load_state_dict()`` and ``close()``: a :class:`PlantedDictionary` or an
@@ -25,7 +28,7 @@ def build_source(cfg: Config, device: torch.device):
     tiny one) is loaded only when activations must be computed.
     """
     if cfg.data.source == "synthetic":
-        return PlantedDictionary(**cfg.data.synthetic.model_dump())
+        return PlantedDictionary(**cfg.data.synthetic.model_dump(), shard=shard[0])
     from .activations import ActivationSource
     from .cache import ActivationCache
     from .lm import SMOLLM2_NAME, activation_widths, load_lm, load_tokenizer
@@ -55,14 +58,19 @@ def build_source(cfg: Config, device: torch.device):
     else:
         tokenizer, ids = (load_tokenizer(lm.name) if model is None else model.tokenizer), {}
     tokens = TokenStream(tokenizer, lm.dataset, seq_len=lm.seq_len, batch_size=lm.lm_batch_size,
-                         heldout_fraction=lm.heldout_fraction, seed=cfg.train.seed, **ids)
+                         heldout_fraction=lm.heldout_fraction, seed=cfg.train.seed, shard=shard,
+                         **ids)
     cache = None
     if lm.cache_dir is not None:
         identity = {"model": lm.name, "tiny": tiny, "layers": layers,
                     "input_hook": lm.input_hook, "output_hook": lm.output_hook,
                     "dtype": lm.buffer_dtype, "dataset": lm.dataset, "seq_len": lm.seq_len,
                     "heldout_fraction": lm.heldout_fraction, "seed": cfg.train.seed}
-        cache = ActivationCache(lm.cache_dir, identity, lm.cache_shard_tokens)
+        folder = Path(lm.cache_dir)
+        if shard[1] > 1:  # each process caches its own token shard
+            identity["shard"] = list(shard)
+            folder = folder / f"shard{shard[0]}of{shard[1]}"
+        cache = ActivationCache(folder, identity, lm.cache_shard_tokens)
     widths = cache.widths if cache is not None else None
     if widths is None:
         model = load_model() if model is None else model

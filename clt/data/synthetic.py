@@ -25,6 +25,7 @@ class PlantedDictionary:
         active_per_layer: int = 4,
         noise: float = 0.0,
         seed: int = 0,
+        shard: int = 0,
     ) -> None:
         if not 1 <= active_per_layer <= n_true_features:
             raise ValueError(f"active_per_layer must be in 1..{n_true_features}, "
@@ -39,7 +40,8 @@ class PlantedDictionary:
         dec = torch.randn(n_layers, n_true_features, n_layers, d_out, generator=g) / d_out**0.5
         causal = torch.ones(n_layers, n_layers).triu().view(n_layers, 1, n_layers, 1)
         self.dec = dec * causal
-        self.generator = torch.Generator().manual_seed(seed + 1)
+        # the same dictionary everywhere; each data-parallel shard samples its own tokens
+        self.generator = torch.Generator().manual_seed(seed + 1 + 100_003 * shard)
 
     def sample_codes(self, n: int) -> torch.Tensor:
         """``[L, n, n_true]`` ground-truth activations."""

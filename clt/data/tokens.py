@@ -40,7 +40,8 @@ class TokenStream:
     directory or glob (.txt/.jsonl/.json/.parquet/.csv), or an HF hub dataset name (streamed).
     `tokenizer` is an HF tokenizer or any callable mapping a string to token ids (then pass
     `bos_id`). The train split reshuffles documents every epoch from `seed`; the held-out split
-    keeps the dataset order so evaluation text does not depend on the seed. `position` counts
+    keeps the dataset order so evaluation text does not depend on the seed. `shard=(i, n)` keeps
+    every n-th train sequence from the i-th (one shard per data-parallel process). `position` counts
     sequences yielded; `state_dict()` / `load_state_dict()` resume from it by replaying the
     stream (re-tokenizing, not re-running any model).
     """
@@ -65,6 +66,7 @@ class TokenStream:
         loop: bool = True,
         cache_dir: Path | None = None,
         shuffle_buffer: int = 10_000,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         _check_choice("split", split, SPLITS)
         _check_choice("sample_by", sample_by, SAMPLE_BY)
@@ -74,6 +76,8 @@ class TokenStream:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must lie in [0, 1), got {heldout_fraction}")
+        if not 0 <= shard[0] < shard[1]:
+            raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
         # Every constructor argument but the tokenizer, so `with_split` can rebuild this stream.
         self._options = {k: v for k, v in locals().items() if k not in ("self", "tokenizer")}
         self.tokenizer = tokenizer
@@ -86,6 +90,7 @@ class TokenStream:
         self.text_column = text_column
         self.loop = loop
         self.shuffle_buffer = shuffle_buffer
+        self.shard = tuple(shard)
         self.bos_id, self.sep_id = special_ids(tokenizer, bos_id, sep_id)
         self._encode = make_encoder(tokenizer)
         self._dataset = load_documents(
@@ -113,7 +118,7 @@ class TokenStream:
     def __next__(self) -> torch.Tensor:
         """The next batch `[b, seq_len]`; `b < batch_size` only for the last batch without loop."""
         if self._sequences is None:
-            self._sequences = islice(self._packed(), self.position, None)
+            self._sequences = islice(self._mine(), self.position, None)
         rows = list(islice(self._sequences, self.batch_size))
         if not rows:
             raise StopIteration
@@ -144,21 +149,32 @@ class TokenStream:
         if min(wanted) < 0:
             raise ValueError(f"sequence indices must be >= 0, got {min(wanted)}")
         found: dict[int, torch.Tensor] = {}
-        for index, seq in enumerate(islice(self._packed(), max(wanted) + 1)):
+        for index, seq in enumerate(islice(self._mine(), max(wanted) + 1)):
             if index in wanted:
                 found[index] = seq
         if len(found) < len(wanted):
             raise ValueError(f"the stream ends before sequence {max(wanted)}")
         return torch.stack([found[i] for i in indices])  # [n, seq_len]
 
+    def _mine(self) -> Iterator[torch.Tensor]:
+        """This stream's sequences: every ``count``-th train sequence from ``index`` when sharded
+        over data-parallel processes (the held-out split is the same for every process)."""
+        index, count = self.shard
+        if count == 1 or self.split != "train":
+            return self._packed()
+        return islice(self._packed(), index, None, count)
+
     def _identity(self) -> dict[str, Any]:
-        return {
+        identity = {
             "source": self.source,
             "split": self.split,
             "seed": self.seed,
             "seq_len": self.seq_len,
             "heldout_fraction": self.heldout_fraction,
         }
+        if self.shard[1] > 1:  # absent for one process, so older states still resume
+            identity["shard"] = list(self.shard)
+        return identity
 
     def _packed(self) -> Iterator[torch.Tensor]:
         """All sequences from the start: BOS followed by `seq_len - 1` packed document tokens.
