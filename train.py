@@ -26,28 +26,16 @@ from tqdm import tqdm
 
 from clt.checkpoint import (
     CheckpointError,
+    TrainingState,
     check_compatible,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    load_model_state,
-    rng_state,
-    save_checkpoint,
-    save_sharded_checkpoint,
-    set_rng_state,
 )
 from clt.config import main_config
 from clt.data import build_source
 from clt.evaluate import MODES, evaluate_run, format_table
-from clt.parallel import (
-    GradSync,
-    Mesh,
-    ShardedSource,
-    init_mesh,
-    local_states,
-    shard_parameters,
-    shutdown,
-)
+from clt.parallel import GradSync, Mesh, ShardedSource, init_mesh, shutdown
 from clt.plots import plot_feature_density, plot_layer_metrics
 from clt.trainer import (
     FiringCounter,
@@ -115,31 +103,6 @@ def main(argv: list[str] | None = None) -> None:
         shutdown(mesh)
 
 
-def restore(resume: dict, path: Path, cfg, mesh: Mesh, model, optimizer, scheduler, counter,
-            scaler, source) -> int:
-    """Load a (merged) checkpoint into this rank's objects; returns the first step to run.
-    Data positions and RNG states resume exactly when the process layout is unchanged."""
-    model_state, optimizer_state, counter_state = local_states(resume, model, mesh,
-                                                               cfg.model.n_features)
-    try:  # standardization statistics come from the checkpoint, never re-estimated
-        load_model_state(model, model_state, path)
-    except CheckpointError as exc:
-        fail(str(exc))
-    optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(resume["scheduler"])
-    counter.load_state_dict(counter_state)
-    if scaler is not None and resume.get("scaler"):
-        scaler.load_state_dict(resume["scaler"])
-    if resume["layout"] == {"tensor": mesh.tp_size, "data": mesh.dp_size}:
-        source.load_state_dict(resume["ranks"][mesh.rank]["data"])
-        set_rng_state(resume["ranks"][mesh.rank]["rng"])
-    elif mesh.is_main:
-        print(f"warning: {path} was written by {resume['layout']} (tensor, data) ranks, this run "
-              f"has tensor={mesh.tp_size}, data={mesh.dp_size}: the model and optimizer are "
-              "re-sharded, the data streams start afresh from the beginning", file=sys.stderr)
-    return resume["step"] + 1
-
-
 def train(cfg, args, mesh: Mesh) -> None:
     tcfg = cfg.train
     resume = path = None
@@ -169,10 +132,13 @@ def train(cfg, args, mesh: Mesh) -> None:
     scheduler = build_scheduler(optimizer, tcfg)
     scaler = torch.amp.GradScaler(device.type) if tcfg.mixed_precision == "fp16" else None
     counter = FiringCounter(model.n_layers, model.n_features, device)
+    state = TrainingState(model, optimizer, scheduler, counter, scaler, source)
     first_step = 1
     if resume is not None:
-        first_step = restore(resume, path, cfg, mesh, model, optimizer, scheduler, counter,
-                             scaler, source)
+        try:  # standardization statistics come from the checkpoint, never re-estimated
+            first_step = state.restore(resume, path, cfg.model.n_features, mesh)
+        except CheckpointError as exc:
+            fail(str(exc))
     run_dir = Path(args.resume) if args.resume else make_run_dir(cfg) if mesh.is_main else None
     run_dir = Path(mesh.broadcast_object(str(run_dir)))
     weights = loss_weights(cfg)
@@ -187,21 +153,6 @@ def train(cfg, args, mesh: Mesh) -> None:
               f"{n_params:,} parameters{' per tensor-parallel rank' if mesh.tp_size > 1 else ''}"
               f", standardized on {int(model.standardizer.n_tokens)} tokens, from step "
               f"{first_step}; processes: tensor={mesh.tp_size} x data={mesh.dp_size}")
-
-    def save(step: int) -> Path:
-        common = {"step": step, "scheduler": scheduler.state_dict(),
-                  "scaler": scaler.state_dict() if scaler is not None else None,
-                  "config": cfg.model_dump(mode="json")}
-        shard = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "counter": counter.state_dict()}
-        rank_state = {"data": source.state_dict(), "rng": rng_state()}
-        if mesh.world_size == 1:
-            return save_checkpoint(run_dir, step, cfg.checkpoint.keep_last,
-                                   {**common, **shard, **rank_state})
-        layout = [model.n_layers, cfg.model.n_features, model.reach]
-        manifest = {"layout": layout, "param_names": shard_parameters(model)}
-        return save_sharded_checkpoint(run_dir, step, cfg.checkpoint.keep_last, mesh, manifest,
-                                       common, shard, rank_state)
 
     nonfinite = torch.zeros((), device=device)
     eval_metrics: dict[str, float] = {}
@@ -248,7 +199,7 @@ def train(cfg, args, mesh: Mesh) -> None:
                                        f"{eval_metrics['eval/fvu_total']:.4f}, L0 "
                                        f"{eval_metrics['eval/l0/mean']:.1f}")
                 if step % cfg.checkpoint.every == 0 or last:
-                    save(step)
+                    state.save(run_dir, step, cfg, mesh)
         replacement = None
         if mesh.is_main and cfg.data.source == "lm" and cfg.eval.replacement_tokens > 0:
             replacement = evaluate_run(run_dir, cfg.eval.replacement_tokens, device)

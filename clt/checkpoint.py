@@ -17,6 +17,8 @@ import json
 import os
 import random
 import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,14 @@ import torch
 import kernels
 
 from .config import Config
-from .parallel import Mesh, merge_model_states, merge_optimizer_states, merge_tensors
+from .parallel import (
+    Mesh,
+    local_states,
+    merge_model_states,
+    merge_optimizer_states,
+    merge_tensors,
+    shard_parameters,
+)
 
 PATTERN = "step_*.pt"
 SHARDED_FORMAT = "clt-sharded-checkpoint/1"
@@ -196,3 +205,53 @@ def load_model_state(model: torch.nn.Module, state: dict, path: Path) -> None:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {exc}") from exc
+
+
+@dataclass
+class TrainingState:
+    """Everything a training run checkpoints, saved and restored for one process of any layout."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    counter: Any  # clt.trainer.FiringCounter
+    scaler: Any  # torch.amp.GradScaler | None
+    source: Any  # the activation source (data position)
+
+    def save(self, run_dir: Path, step: int, cfg: Config, mesh: Mesh) -> Path:
+        """One file for a single process; a sharded folder (collective) under torchrun."""
+        common = {"step": step, "scheduler": self.scheduler.state_dict(),
+                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                  "config": cfg.model_dump(mode="json")}
+        shard = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "counter": self.counter.state_dict()}
+        rank_state = {"data": self.source.state_dict(), "rng": rng_state()}
+        if mesh.world_size == 1:
+            return save_checkpoint(run_dir, step, cfg.checkpoint.keep_last,
+                                   {**common, **shard, **rank_state})
+        manifest = {"layout": [self.model.n_layers, cfg.model.n_features, self.model.reach],
+                    "param_names": shard_parameters(self.model)}
+        return save_sharded_checkpoint(run_dir, step, cfg.checkpoint.keep_last, mesh, manifest,
+                                       common, shard, rank_state)
+
+    def restore(self, state: dict, path: Path, n_features: int, mesh: Mesh) -> int:
+        """Load a merged checkpoint (``load_checkpoint``) into this rank's objects, re-sharding
+        the model, optimizer and counter; data positions and RNG resume exactly when the process
+        layout is unchanged. Returns the first step to run."""
+        model_state, optimizer_state, counter_state = local_states(state, self.model, mesh,
+                                                                   n_features)
+        load_model_state(self.model, model_state, path)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.counter.load_state_dict(counter_state)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if state["layout"] == {"tensor": mesh.tp_size, "data": mesh.dp_size}:
+            self.source.load_state_dict(state["ranks"][mesh.rank]["data"])
+            set_rng_state(state["ranks"][mesh.rank]["rng"])
+        elif mesh.is_main:
+            print(f"warning: {path} was written by {state['layout']} ranks, this run has "
+                  f"tensor={mesh.tp_size}, data={mesh.dp_size}: the model and optimizer are "
+                  "re-sharded, the data streams start afresh from the beginning",
+                  file=sys.stderr)
+        return state["step"] + 1

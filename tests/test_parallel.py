@@ -259,7 +259,42 @@ def _load_job(mesh: Mesh, folder: Path) -> dict:
     return {"yhat": model(x)[0].detach(), "exp_avg": optimizer.state_dict()["state"]}
 
 
-JOBS = {"tp": _tp_job, "dp": _dp_job, "save": _save_job, "load": _load_job}
+MESH_CASES = [CASES[0], CASES[4], CASES[6]]  # TopK, global BatchTopK, JumpReLU
+
+
+def _mesh_job(mesh: Mesh, folder: Path) -> list[dict]:
+    """TP=2 x DP=2: each replica's shard after one step with the replica's half of the batch."""
+    results = []
+    tcfg = SimpleNamespace(grad_accum=ACCUM, mixed_precision="no", grad_clip=1.0)
+    for i, case in enumerate(MESH_CASES):
+        model = sharded_model(case, mesh, full_model(case, seed=i))
+        optimizer, scheduler = _sgd(model)
+        train_step(model, optimizer, scheduler,
+                   iter(_micro_batches(i, mesh.dp_rank, mesh.dp_size)), WEIGHTS, 3, tcfg,
+                   mesh=mesh, grad_sync=GradSync(model.parameters(), mesh))
+        results.append(model.state_dict())
+    return results
+
+
+def test_tensor_times_data_parallel_matches_single_process(tmp_path):
+    ranks = spawn("mesh", tmp_path, tp=2, world=4)  # ranks 0,1: replica 0; 2,3: replica 1
+    tcfg = SimpleNamespace(grad_accum=ACCUM, mixed_precision="no", grad_clip=1.0)
+    for i, case in enumerate(MESH_CASES):
+        model = full_model(case, seed=i)
+        optimizer, scheduler = _sgd(model)
+        whole = [(torch.cat([a[0] for a in parts], 1), torch.cat([a[1] for a in parts], 1))
+                 for parts in zip(*[_micro_batches(i, r, 2) for r in range(2)], strict=True)]
+        train_step(model, optimizer, scheduler, iter(whole), WEIGHTS, 3, tcfg)
+        for replica in range(2):
+            shards = ranks[2 * replica: 2 * replica + 2]
+            for key, value in model.state_dict().items():
+                merged = merge_tensors(key.rsplit(".", 1)[-1], [s[i][key] for s in shards],
+                                       layout(case))
+                assert_close(merged, value, atol=1e-5, rtol=1e-5,
+                             name=f"{case[0]} {case[2]} replica {replica} {key}")
+
+
+JOBS = {"tp": _tp_job, "dp": _dp_job, "save": _save_job, "load": _load_job, "mesh": _mesh_job}
 
 
 def test_sharded_checkpoint_loads_on_one_process_and_back(tmp_path):
