@@ -55,7 +55,9 @@ class Mesh:
     tp_group: Any = None
     dp_group: Any = None
     world_group: Any = None
-    comm_bytes: int = field(default=0, compare=False)  # payload bytes sent through collectives
+    # bytes this rank sends through collectives (ring algorithms: an all-reduce of B bytes over
+    # P ranks sends 2 (P-1)/P B, an all-gather of B bytes per rank sends (P-1) B)
+    comm_bytes: int = field(default=0, compare=False)
 
     @classmethod
     def single(cls) -> Mesh:
@@ -79,8 +81,9 @@ class Mesh:
 
     # ---- collectives (identities when the group has one rank) ----------------------------
 
-    def _count(self, t: torch.Tensor, size: int) -> None:
-        self.comm_bytes += t.numel() * t.element_size() * (size - 1)
+    def _count(self, t: torch.Tensor, size: int, reduce: bool = True) -> None:
+        sent = t.numel() * t.element_size() * (size - 1)
+        self.comm_bytes += 2 * sent // size if reduce else sent
 
     def tp_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of per-rank partials over the TP group; backward passes the gradient through (every
@@ -105,6 +108,7 @@ class Mesh:
         if self.world_size == 1:
             return t
         out = t.clone()
+        self._count(out, self.world_size)
         dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.world_group)
         return out
 
@@ -116,9 +120,11 @@ class Mesh:
         if size == 1:
             return t.unsqueeze(0)
         out = t.new_empty(size, *t.shape)
-        self._count(t, size)
+        self._count(t, size, reduce=False)
         pg = self.tp_group if group == "tp" else self.world_group
-        dist.all_gather_into_tensor(out, t.contiguous(), group=pg) if _has_gather_into(t) else \
+        if t.is_cuda:
+            dist.all_gather_into_tensor(out, t.contiguous(), group=pg)
+        else:  # gloo has no all_gather_into_tensor
             dist.all_gather(list(out.unbind(0)), t.contiguous(), group=pg)
         return out
 
@@ -154,10 +160,6 @@ class Mesh:
             return metrics
         return {name: self.dp_sum(torch.as_tensor(v, dtype=torch.float64)) / self.dp_size
                 for name, v in metrics.items()}
-
-
-def _has_gather_into(t: torch.Tensor) -> bool:
-    return t.is_cuda  # gloo lacks all_gather_into_tensor
 
 
 class _SumOverGroup(torch.autograd.Function):
