@@ -17,11 +17,19 @@ Adam step (fused on CUDA, as ``clt.trainer.build_optimizer`` builds it). Impls p
   optimizer step over all parameters, at the same shape; for JumpReLU also the encoder backward
   GEMM (its pre-activation loss keeps a dense encoder backward by nature).
 
-Shapes: on CUDA L=12, d=768, F=16384, k=16, N=8192 (a GPT-2-small CLT; fp32 parameters, TF32 only
-with ``CLT_BENCH_TF32=1``, like torch's default); on CPU the GPU-small shape
-L=12, d=768, F=4096, N=1024 does not fit the time budget (the dense baseline alone is ~1.5 TFLOP a
-step), so CPU runs L=6, d=256, F=2048, k=16, N=512 (the file then takes about a minute on 2
-threads). ``DEAD = F // 64`` features per layer are dead, so AuxK runs with ``k_aux = DEAD``.
+Shapes (``CLT_BENCH_SHAPE`` picks one; fp32 parameters, TF32 only with ``CLT_BENCH_TF32=1``, like
+torch's default):
+
+- ``issue-gpu``, the default on CUDA: L=12, d=768, F=16384, k=16, N=8192 (a GPT-2-small CLT);
+- ``issue-cpu``: L=12, d=768, F=4096, k=16, N=1024, the issue's CPU shape, where its CPU targets
+  apply. The dense baseline alone is ~1.5 TFLOP a step (~12 s on 2 threads), so select a
+  nonlinearity: ``CLT_BENCH_SHAPE=issue-cpu .venv/bin/python -m pytest bench/test_step.py -k topk``
+  (about 2 minutes on 2 threads);
+- ``quick``, the default on CPU: L=6, d=256, F=2048, k=16, N=512 (the file takes about a minute on
+  2 threads);
+- ``issue``: ``issue-gpu`` on CUDA, ``issue-cpu`` on CPU.
+
+``DEAD = F // 64`` features per layer are dead, so AuxK runs with ``k_aux = DEAD``.
 
 ``test_dense_baseline_matches_ours`` first checks in float64 at a tiny shape that the dense
 baseline computes the same loss and gradients as ours, so the ratios compare the same step.
@@ -67,12 +75,18 @@ pytestmark = pytest.mark.skipif(IMPORT_ERROR is not None, reason=IMPORT_ERROR or
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-if CUDA:
-    L, D, F, K, N = 12, 768, 16384, 16, 8192
-    ROUNDS = 5
-else:
-    L, D, F, K, N = 6, 256, 2048, 16, 512
-    ROUNDS = 3
+SHAPES = {  # name -> (L, d, F, k, N)
+    "issue-gpu": (12, 768, 16384, 16, 8192),
+    "issue-cpu": (12, 768, 4096, 16, 1024),
+    "quick": (6, 256, 2048, 16, 512),
+}
+SHAPE = os.environ.get("CLT_BENCH_SHAPE", "issue-gpu" if CUDA else "quick")
+if SHAPE == "issue":
+    SHAPE = "issue-gpu" if CUDA else "issue-cpu"
+if SHAPE not in SHAPES:
+    raise ValueError(f"CLT_BENCH_SHAPE must be issue or one of {sorted(SHAPES)}, got {SHAPE!r}")
+L, D, F, K, N = SHAPES[SHAPE]
+ROUNDS = 5 if CUDA else 3
 DEAD = F // 64
 DEAD_TOKENS = 100_000
 TF32 = CUDA and os.environ.get("CLT_BENCH_TF32", "0") == "1"

@@ -35,6 +35,7 @@ a good fraction of cuBLAS; the selection (bitonic merges on int64 keys on CUDA c
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F_
 import triton
 import triton.language as tl
 
@@ -333,25 +334,51 @@ def _encode_topk_fwd(
     return torch.stack(values), torch.stack(indices)
 
 
+# A layer whose [N, F] gradient has at least one nonzero in DENSE_RATIO columns per row (AuxK:
+# every token picks among the same few dead features) takes dense GEMMs, as in the decode's
+# torch path; a sparse one (TopK: k of F) takes embedding_bag gathers.
+DENSE_RATIO = 8
+
+
 def _encode_topk_bwd(grad_values, x, W_enc, indices, needs_x, needs_w, needs_b):
-    """Gradients of ``values = pre.gather(indices)`` w.r.t. x, W_enc, b_enc from the codes only."""
+    """Gradients of ``values = pre.gather(indices)`` w.r.t. x, W_enc, b_enc from the codes only.
+
+    Per layer, with ``g`` the gradient of the ``N * k`` slots: ``grad_x[n]`` is one
+    ``embedding_bag`` over the rows of ``W_enc^T`` (bag: the token's slots) and ``grad W_enc^T[f]``
+    one over the rows of ``x`` (bag: the slots naming ``f``, sorted by feature; empty bags give
+    the zero columns), so no ``[N * k, d_in]`` product and no zeroed ``[F, d_in]`` buffer exist.
+    A layer with ``F <= DENSE_RATIO * k`` scatters ``g`` into a dense ``[N, F]`` matrix instead.
+    """
     L, N, k = indices.shape
     d_in, F = W_enc.shape[1:]
     grad_x = torch.empty_like(x) if needs_x else None
     grad_W = torch.empty_like(W_enc) if needs_w else None
-    grad_b = grad_values.new_zeros(L, F) if needs_b else None
+    grad_b = grad_values.new_empty(L, F) if needs_b else None
+    tokens = torch.arange(0, N * k, k, device=x.device)  # bag offsets: k slots per token
     for layer in range(L):
-        g = grad_values[layer]  # [N, k]
-        idx = indices[layer].reshape(-1)  # [N * k]
+        g = grad_values[layer].reshape(-1)  # [N * k]
+        idx = indices[layer].reshape(-1).long()
+        if F <= DENSE_RATIO * k:
+            tok = torch.arange(N, device=x.device).repeat_interleave(k)
+            G = g.new_zeros(N, F).index_put_((tok, idx), g, accumulate=True)  # [N, F]
+            if needs_x:
+                grad_x[layer] = G @ W_enc[layer].t()
+            if needs_w:
+                grad_W[layer] = x[layer].t() @ G
+            if needs_b:
+                grad_b[layer] = G.sum(0)
+            continue
         if needs_x:
-            # [N, k, d_in] columns of W_enc picked by the codes
-            cols = W_enc[layer].t().contiguous().index_select(0, idx).view(N, k, d_in)
-            grad_x[layer] = torch.einsum("nk,nkd->nd", g, cols)
+            W_t = W_enc[layer].t().contiguous()  # [F, d_in]: gathered columns as rows
+            grad_x[layer] = F_.embedding_bag(idx, W_t, tokens, per_sample_weights=g, mode="sum")
         if needs_w:
-            contrib = (g.unsqueeze(-1) * x[layer].unsqueeze(1)).reshape(N * k, d_in)
-            grad_W[layer] = x.new_zeros(F, d_in).index_add_(0, idx, contrib).t()
+            feature, order = torch.sort(idx, stable=True)
+            counts = torch.bincount(feature, minlength=F)
+            starts = torch.cumsum(counts, 0) - counts
+            grad_W[layer] = F_.embedding_bag(order // k, x[layer], starts,
+                                             per_sample_weights=g[order], mode="sum").t()
         if needs_b:
-            grad_b[layer].index_add_(0, idx, g.reshape(-1))
+            grad_b[layer] = g.new_zeros(F).index_add_(0, idx, g)
     return grad_x, grad_W, grad_b
 
 

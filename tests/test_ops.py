@@ -21,6 +21,8 @@ from _testing import (
     ref_first_row,
 )
 
+import kernels.decode as decode_mod
+import kernels.topk as topk_mod
 from kernels import (
     DecoderLayout,
     batchtopk,
@@ -223,6 +225,46 @@ def test_sparse_decode(L, N, F, K, R, d_out, bias, dtype):
         assert_close(g, w, name=f"grad {name}")
 
 
+@pytest.mark.parametrize("ratio", [0, 10**9], ids=["gather", "gemm"])
+@dtypes(F64, F32)
+@pytest.mark.parametrize("L, N, F, K, R, d_out", DECODE_SHAPES)
+def test_sparse_decode_torch_paths(L, N, F, K, R, d_out, dtype, ratio, monkeypatch):
+    """The torch path called directly (fp32 included, which the public op sends to the
+    interpreter here), with every source forced to the gather or to the dense-GEMM branch."""
+    monkeypatch.setattr(decode_mod, "DENSE_RATIO", ratio)
+    layout = DecoderLayout(L, F, R)
+    values, indices = make_codes(L, N, F, K, dtype)
+    W_dec, b_dec = make_decoder(layout, d_out, K, dtype)
+    upstream = torch.randn(L, N, d_out, dtype=F64)
+    ins = [leaf(values), leaf(W_dec), leaf(b_dec)]
+    out = decode_mod.sparse_decode_torch(ins[0], indices, ins[1], ins[2], layout)
+    got = grads(out, ins, upstream.to(dtype))
+    refs = [leaf(t, F64) for t in ins]
+    expected = ref_decode(refs[0], indices, refs[1], refs[2], L, F, R)
+    want = grads(expected, refs, upstream)
+    assert_close(out, expected, name="out")
+    for name, g, w in zip(["values", "W_dec", "b_dec"], got, want, strict=True):
+        assert_close(g, w, name=f"grad {name}")
+
+
+def test_sparse_decode_torch_mixes_paths_per_source(monkeypatch):
+    """One source with few distinct features (dense GEMMs), the others with many (gathers)."""
+    monkeypatch.setattr(decode_mod, "DENSE_RATIO", 1)
+    L, N, F, K, R, d_out = 3, 40, 64, 2, 3, 5
+    layout = DecoderLayout(L, F, R)
+    values, indices = make_codes(L, N, F, K, F64)
+    indices[1] = indices[1] % 2  # source 1 names 2 <= DENSE_RATIO * K features
+    W_dec, b_dec = make_decoder(layout, d_out, K, F64)
+    assert torch.unique(indices[0]).numel() > K and torch.unique(indices[1]).numel() <= K
+    upstream = torch.randn(L, N, d_out, dtype=F64)
+    ins = [leaf(values), leaf(W_dec)]
+    got = grads(decode_mod.sparse_decode_torch(ins[0], indices, ins[1], None, layout), ins,
+                upstream)
+    expected = ref_decode(ins[0], indices, ins[1], None, L, F, R)
+    for name, g, w in zip(["values", "W_dec"], got, grads(expected, ins, upstream), strict=True):
+        assert_close(g, w, name=f"grad {name}")
+
+
 @pytest.mark.parametrize("L, N, F, K, R, d_out", DECODE_SHAPES[:4])
 def test_sparse_decode_bf16_forward(L, N, F, K, R, d_out):
     layout = DecoderLayout(L, F, R)
@@ -392,6 +434,23 @@ def test_encode_topk(L, N, d_in, F, k, ranked, dtype):
     if scale is not None:
         (g_scale,) = torch.autograd.grad(values, [scale], upstream.to(dtype), allow_unused=True)
         assert g_scale is None, "rank_scale must not be differentiated"
+
+
+@pytest.mark.parametrize("ratio", [0, 10**9], ids=["gather", "gemm"])
+@dtypes(F64, F32)
+@pytest.mark.parametrize("L, N, d_in, F, k", ENCODE_SHAPES)
+def test_encode_topk_torch_backward_paths(L, N, d_in, F, k, dtype, ratio, monkeypatch):
+    """The torch backward (fp32 included) with every layer forced to the embedding_bag gathers or
+    to the dense GEMMs, against the float64 gradients of ``pre`` gathered at the op's slots."""
+    monkeypatch.setattr(topk_mod, "DENSE_RATIO", ratio)
+    ins = [leaf(t) for t in make_encoder(L, N, d_in, F, dtype)]
+    values, indices = encode_topk(*ins, k, impl="torch")
+    upstream = torch.randn(L, N, k, dtype=F64)
+    got = grads(values, ins, upstream.to(dtype))
+    refs = [leaf(t, F64) for t in ins]
+    want = grads(ref_pre(*refs).gather(-1, indices), refs, upstream)
+    for name, g, w in zip(["x", "W_enc", "b_enc"], got, want, strict=True):
+        assert_close(g, w, name=f"grad {name}")
 
 
 def test_encode_topk_gradcheck():
