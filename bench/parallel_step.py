@@ -114,7 +114,7 @@ def projection(L: int, d: int, F: int, N: int, k: int, gbps: float) -> list[str]
     """Bytes per rank per step of TP=P at the GPU shape, from the collectives the code issues:
     input all-gather (x and y), TopK candidate gather (fp32 score + int64 id), two decoder-output
     all-reduces (main and AuxK decode), AuxK candidate gather; and DP=P's gradient all-reduce."""
-    lines = ["| layout | sent per rank per step | at %.0f GB/s |" % gbps, "|---|---|---|"]
+    lines = [f"| layout | sent per rank per step | at {gbps:.0f} GB/s |", "|---|---|---|"]
     params = L * d * F + L * F + F * d * L * (L + 1) // 2 + L * d
     for P in (2, 4, 8):
         act = L * N * d * 4

@@ -233,8 +233,11 @@ def _keep_mine(mesh: Mesh, score: torch.Tensor, key: torch.Tensor, m, group: str
     rank's own ``c`` candidates under the exact global selection of ``m`` per row."""
     scores, keys = mesh.gather(score, group), mesh.gather(key, group)  # [P, S, c]
     P, S, c = scores.shape
-    flat = lambda t: t.permute(1, 0, 2).reshape(S, P * c)  # noqa: E731
-    keep = select_top(flat(scores), flat(keys), m).view(S, P, c)
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # [S, P * c]: each row's candidates of all ranks
+        return t.permute(1, 0, 2).reshape(S, P * c)
+
+    keep = select_top(rows(scores), rows(keys), m).view(S, P, c)
     me = mesh.tp_rank if group == "tp" else mesh.rank
     return keep[:, me]
 
@@ -270,7 +273,7 @@ class ShardedCLT(CrossLayerTranscoder):
         self.W_enc.uniform_(-bound, bound)
 
     def encode(self, x: torch.Tensor, layer: int | None = None) -> Codes:
-        if self.nonlinearity != "topk":
+        if self.nonlinearity != "topk" or self.mesh.tp_size == 1:
             return super().encode(x, layer)  # BatchTopK selects in _batchtopk below
         self._check_inputs(x, layer)
         rows = slice(None) if layer is None else slice(layer, layer + 1)
@@ -312,16 +315,20 @@ class ShardedCLT(CrossLayerTranscoder):
         out_values, indices = kernels.mask_to_codes(pre, mask)
         with torch.no_grad():  # smallest kept value of the whole batch, the same on every rank
             mine = torch.where(keep.view(S, -1), values.view(S, -1), torch.inf).amin(dim=1)
-            min_kept = -mesh.world_max(-mine).clamp_max(torch.finfo(pre.dtype).max)
+            min_kept = -mesh.world_max(-mine)
             if rows == slice(None):
                 self._update_threshold(min_kept.clamp(min=0))
         return Codes(torch.relu(out_values), indices)
 
     def decode(self, codes: Codes, bias: bool = True) -> torch.Tensor:
+        if self.mesh.tp_size == 1:
+            return super().decode(codes, bias)
         out = self.mesh.tp_sum(super().decode(codes, bias=False))
         return out + self.b_dec.unsqueeze(1) if bias else out
 
     def auxk_codes(self, x: torch.Tensor, dead: torch.Tensor, k_aux: int) -> Codes | None:
+        if self.mesh.tp_size == 1:
+            return super().auxk_codes(x, dead, k_aux)
         n_dead = self.mesh.tp_sum(dead.sum(dim=1))  # [L] dead features of the full model
         if int(n_dead.max()) == 0:
             return None  # the same answer on every rank, so every rank skips the collectives

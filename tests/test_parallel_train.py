@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _testing import write_run_config
+from _testing import SYNTHETIC, write_run_config
 
 from clt.checkpoint import latest_checkpoint
+from clt.export import export_run, load_exported
 from clt.trainer import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,9 @@ def steps_logged(run_dir: Path) -> list[int]:
 
 
 def test_tensor_parallel_run_resumes_on_one_process_and_exports(tmp_path, monkeypatch):
-    config, run_dir = write_run_config(tmp_path, "topk", parallel={"tensor": 2})
+    synthetic = {**SYNTHETIC, "d_out": SYNTHETIC["d_in"]}  # the export format has one width
+    config, run_dir = write_run_config(tmp_path, "topk", parallel={"tensor": 2},
+                                       data={"synthetic": synthetic})
     done = torchrun("train.py", str(config))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tensor=2 x data=1" in done.stdout
@@ -43,6 +46,9 @@ def test_tensor_parallel_run_resumes_on_one_process_and_exports(tmp_path, monkey
     assert step == 8 and model.W_enc.shape[-1] == 32 and model.n_features == 32
     # the two shards were initialised differently (no duplicated features)
     assert not torch.allclose(model.W_enc[..., :16], model.W_enc[..., 16:])
+    export_run(run_dir, tmp_path / "exported", n_tokens=64, log=lambda *_: None)
+    exported = load_exported(tmp_path / "exported")
+    assert exported["W_enc"][0].shape == (32, 16) and exported["W_dec"][0].shape == (32, 3, 16)
     monkeypatch.setenv("CLT_FORCE_TORCH", "1")
     import train
 
