@@ -5,6 +5,7 @@ from .batchtopk import batchtopk, batchtopk_mask, exact_topk_mask
 from .codes import mask_to_codes, relu_codes
 from .decode import DecoderLayout, check_codes, decoder_norms, sparse_decode
 from .jumprelu import jumprelu, jumprelu_codes, jumprelu_step
+from .molt import molt_apply
 from .topk import encode_topk
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "jumprelu_codes",
     "jumprelu_step",
     "mask_to_codes",
+    "molt_apply",
     "relu_codes",
     "sparse_decode",
 ]
