@@ -43,7 +43,7 @@ SHARDED_FORMAT = "clt-sharded-checkpoint/1"
 # Config fields that fix parameter shapes or the meaning of the weights: a checkpoint can only
 # be resumed under a config that agrees on all of them.
 SHAPE_FIELDS = (
-    ("model", "n_features"), ("model", "reach"), ("model", "layers"),
+    ("model", "n_features"), ("model", "reach"), ("model", "layers"), ("model", "skip"),
     ("nonlinearity", "kind"), ("nonlinearity", "batchtopk_scope"),
     ("data", "source"), ("data", "synthetic"),
     ("data", "lm", "name"), ("data", "lm", "input_hook"), ("data", "lm", "output_hook"),

@@ -105,6 +105,17 @@ class ModelConfig(_Section):
         description="LM layers the transcoder reads and writes, sorted and unique. "
         "null = all layers of the LM.",
     )
+    skip: bool = Field(
+        False, description="Add a linear skip connection W_skip [L, d_in, d_out] (zero at init) "
+        "from each layer's input to its output."
+    )
+    matryoshka_prefixes: list[float] | None = Field(
+        None, min_length=1,
+        description="Matryoshka: nested dictionaries made of the first fraction of the features, "
+        "increasing and ending at 1, e.g. [0.0625, 0.125, 0.25, 0.5, 1]; each fraction times "
+        "n_features must be a whole number. The reconstruction loss averages over the prefixes. "
+        "null = one dictionary.",
+    )
 
     @model_validator(mode="after")
     def _layers_sorted_unique(self) -> ModelConfig:
@@ -164,6 +175,10 @@ class LossConfig(_Section):
     l0_coef: NonNegativeFloat = Field(0.0, description="Weight of JumpReLU's L0 penalty, >= 0.")
     preact_coef: NonNegativeFloat = Field(
         0.0, description="Weight of the pre-activation loss (fights dead features), >= 0."
+    )
+    matryoshka_weights: list[PositiveFloat] | None = Field(
+        None, description="Weight of each Matryoshka prefix's reconstruction loss (one per "
+        "model.matryoshka_prefixes); null = equal weights."
     )
     auxk_alpha: NonNegativeFloat = Field(
         1 / 32, description="Weight of the AuxK loss (TopK family), >= 0."
@@ -402,6 +417,12 @@ class Config(_Section):
         return self.model.reach if self.model.reach is not None else self.n_layers
 
     @property
+    def prefix_bounds(self) -> list[int] | None:
+        """Matryoshka prefix sizes in features (``model.matryoshka_prefixes`` times F)."""
+        fractions = self.model.matryoshka_prefixes
+        return None if fractions is None else [round(f * self.model.n_features) for f in fractions]
+
+    @property
     def is_sae(self) -> bool:
         """True when the transcoder reconstructs its own input hook."""
         return self.data.source == "lm" and self.data.lm.output_hook == self.data.lm.input_hook
@@ -410,6 +431,7 @@ class Config(_Section):
     def _cross_field(self) -> Config:
         _fail_if(
             self._feature_problems()
+            + self._matryoshka_problems()
             + self._layer_problems()
             + self._batch_problems()
             + self._schedule_problems()
@@ -426,6 +448,25 @@ class Config(_Section):
             problems.append(
                 ("model.n_features", f"must be divisible by parallel.tensor = {tp} (got {f})")
             )
+        return problems
+
+    def _matryoshka_problems(self) -> list[tuple[str, str]]:
+        fractions, weights = self.model.matryoshka_prefixes, self.loss.matryoshka_weights
+        f = self.model.n_features
+        if fractions is None:
+            return [("loss.matryoshka_weights", "needs model.matryoshka_prefixes")] if weights \
+                else []
+        problems = []
+        sizes = [x * f for x in fractions]
+        if fractions != sorted(set(fractions)) or fractions[0] <= 0 or fractions[-1] != 1:
+            problems.append(("model.matryoshka_prefixes", "must increase strictly within (0, 1] "
+                             f"and end at 1 (got {fractions})"))
+        elif any(abs(n - round(n)) > 1e-9 for n in sizes):
+            problems.append(("model.matryoshka_prefixes", f"fractions of n_features = {f} must be "
+                             f"whole numbers of features (got {[round(n, 3) for n in sizes]})"))
+        if weights is not None and len(weights) != len(fractions):
+            problems.append(("loss.matryoshka_weights", f"needs one weight per prefix "
+                             f"({len(fractions)}), got {len(weights)}"))
         return problems
 
     def _layer_problems(self) -> list[tuple[str, str]]:

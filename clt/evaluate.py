@@ -138,7 +138,8 @@ class _ClosedLoop:
         from .model import CrossLayerTranscoder
 
         self.model = clt_model
-        self.fast = isinstance(clt_model, CrossLayerTranscoder) and not clt_model.training
+        self.fast = (isinstance(clt_model, CrossLayerTranscoder) and not clt_model.training
+                     and clt_model.W_skip is None)  # the fast path decodes codes only
         self.n_layers = n_layers
         self.codes: list[Any] = []
 
@@ -345,8 +346,8 @@ def evaluate_run(
     ``step``, ``tokens`` (non-BOS tokens used), ``fvu`` (list per layer), ``fvu_total``, ``l0``
     (list per layer) and one dict of :func:`replacement_metrics` per mode under its name; the
     ``"open"`` dict also holds the graph scores (module docstring) unless there are no graph
-    prompts or the transcoder does not write ``hook_mlp_out``. ``graph_prompts`` and
-    ``graph_prompt_tokens`` default to the run's ``eval`` config.
+    prompts, the transcoder does not write ``hook_mlp_out`` or it has a skip connection.
+    ``graph_prompts`` and ``graph_prompt_tokens`` default to the run's ``eval`` config.
     """
     from .attribution import attribution_scores
     from .data.lm import lm_activations
@@ -396,7 +397,10 @@ def evaluate_run(
         result[mode] = replacement_metrics(lm, model, tokens, layers, lm_cfg.input_hook,
                                            lm_cfg.output_hook, mode,
                                            batch_size=lm_cfg.lm_batch_size)
-    if "open" in modes and len(prompts) and lm_cfg.output_hook == "hook_mlp_out":
+    # the graph's linearization has no edge for a skip connection's linear input -> output path
+    # yet: skip transcoders get no graph scores rather than scores that count it as error
+    graphable = lm_cfg.output_hook == "hook_mlp_out" and model.W_skip is None
+    if "open" in modes and len(prompts) and graphable:
         result["open"].update(attribution_scores(lm, model, prompts, layers, lm_cfg.input_hook,
                                                  lm_cfg.output_hook, cfg.eval.graph_batch))
     result["layers"] = list(layers)

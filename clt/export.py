@@ -73,6 +73,9 @@ def _check_exportable(
         raise ExportError(
             f"reach {model.reach} of {L} layers has no circuit-tracer format: it stores either a "
             f"full crosslayer transcoder (reach == L) or per-layer transcoders (reach == 1)")
+    if model.W_skip is not None and model.reach != 1:
+        raise ExportError("circuit-tracer's crosslayer transcoder files (W_enc_i / W_dec_i) have "
+                          "no skip connection; only per-layer transcoders (reach 1) store W_skip")
     if model.d_in != model.d_out:
         raise ExportError(f"circuit-tracer's formats have one width d_model for inputs and "
                           f"outputs; this model has d_in={model.d_in}, d_out={model.d_out}")
@@ -107,6 +110,8 @@ def _tensors(model: CrossLayerTranscoder, dtype: torch.dtype) -> dict[str, torch
             entries[f"layer_{i}.safetensors/b_dec"] = prep(b_dec)
             if theta is not None:
                 entries[f"layer_{i}.safetensors/activation_function.threshold"] = prep(theta[i])
+            if model.W_skip is not None:  # circuit-tracer applies ``x @ W_skip.T``
+                entries[f"layer_{i}.safetensors/W_skip"] = prep(model.W_skip[i].T)
         else:
             entries[f"W_enc_{i}.safetensors/W_enc_{i}"] = prep(W_enc)
             entries[f"W_enc_{i}.safetensors/b_enc_{i}"] = prep(b_enc)
@@ -211,8 +216,9 @@ def load_exported(out_dir: str | Path) -> dict[str, Any]:
     """Read an exported folder from the format alone (no model code) into plain tensors.
 
     Returns ``config`` (the yaml), ``kind``, ``n_layers``, per layer lists ``W_enc`` ``[F, d]``,
-    ``b_enc``, ``b_dec``, ``threshold`` (None for ReLU) and ``W_dec`` (``[F, L-i, d]`` for a CLT,
-    ``[F, d]`` for a transcoder set), and two functions on raw ``x [L, N, d]``:
+    ``b_enc``, ``b_dec``, ``threshold`` (None for ReLU), ``W_dec`` (``[F, L-i, d]`` for a CLT,
+    ``[F, d]`` for a transcoder set) and ``W_skip`` (a set's optional ``[d, d]``, applied as
+    ``x @ W_skip.T``), and two functions on raw ``x [L, N, d]``:
     ``encode(x) -> a [L, N, F]`` (``relu`` or ``pre * (pre > threshold)`` of
     ``pre = x @ W_enc.T + b_enc``) and ``reconstruct(x) -> out [L, N, d]``
     (``out[t] = b_dec[t] + sum_{s <= t} a_s @ W_dec_s[:, t - s]``; a set: ``a_t @ W_dec_t``).
@@ -224,7 +230,7 @@ def load_exported(out_dir: str | Path) -> dict[str, Any]:
     config = yaml.safe_load((out_dir / "config.yaml").read_text())
     kind = config["model_kind"]
     r: dict[str, Any] = {"config": config, "kind": kind, "W_enc": [], "b_enc": [], "b_dec": [],
-                         "threshold": [], "W_dec": []}
+                         "threshold": [], "W_dec": [], "W_skip": []}
     if kind == "cross_layer_transcoder":
         L = len(list(out_dir.glob("W_enc_*.safetensors")))
         for i in range(L):
@@ -241,6 +247,7 @@ def load_exported(out_dir: str | Path) -> dict[str, Any]:
             for key in ("W_enc", "b_enc", "b_dec", "W_dec"):
                 r[key].append(t[key])
             r["threshold"].append(t.get("activation_function.threshold"))
+            r["W_skip"].append(t.get("W_skip"))
     else:
         raise ValueError(f"unknown model_kind {kind!r}")
     r["n_layers"] = L
@@ -261,6 +268,8 @@ def load_exported(out_dir: str | Path) -> dict[str, Any]:
             y = r["b_dec"][t].to(x.dtype).expand(x.shape[1], -1).clone()
             if kind == "transcoder_set":
                 y = y + a[t] @ r["W_dec"][t].to(x.dtype)
+                if r["W_skip"][t] is not None:
+                    y = y + x[t] @ r["W_skip"][t].to(x.dtype).T
             else:
                 for s in range(t + 1):
                     y = y + a[s] @ r["W_dec"][s][:, t - s].to(x.dtype)

@@ -31,6 +31,7 @@ class LossWeights:
     auxk_alpha: float = 1 / 32
     auxk_k: int | None = None
     dead_tokens: int = 10_000_000
+    matryoshka_weights: tuple[float, ...] | None = None  # per prefix; None = equal weights
 
 
 @dataclass
@@ -45,6 +46,17 @@ class LossOutput:
 def reconstruction_loss(y: torch.Tensor, yhat: torch.Tensor) -> torch.Tensor:
     """Squared error summed over ``d_out``, averaged over tokens, summed over layers."""
     return (y - yhat).pow(2).sum(dim=-1).mean(dim=-1).sum()
+
+
+def matryoshka_loss(
+    y: torch.Tensor, prefixes: list[torch.Tensor], weights: tuple[float, ...] | None
+) -> torch.Tensor:
+    """Weighted mean over the nested prefixes of each prefix's :func:`reconstruction_loss`."""
+    w = weights or (1.0,) * len(prefixes)
+    if len(w) != len(prefixes):
+        raise ValueError(f"{len(w)} Matryoshka weights for {len(prefixes)} prefixes")
+    losses = torch.stack([reconstruction_loss(y, yhat) for yhat in prefixes])
+    return (losses * losses.new_tensor(w)).sum() / sum(w)
 
 
 def total_variance(y: torch.Tensor) -> torch.Tensor:
@@ -153,8 +165,14 @@ def compute_losses(
     ``mesh``: with a feature-sharded model the terms summed over features are summed over the
     tensor-parallel ranks, so every rank holds the same total (see ``clt.parallel``)."""
     mesh = mesh or Mesh.single()
-    yhat, codes = model(x)
-    terms = {"mse": reconstruction_loss(y, yhat)}
+    if model.prefix_bounds is None:
+        yhat, codes = model(x)
+        terms = {"mse": reconstruction_loss(y, yhat)}
+    else:
+        codes = model.encode(x)
+        prefixes = model.prefix_outputs(x, codes)
+        yhat = prefixes[-1]
+        terms = {"mse": matryoshka_loss(y, prefixes, weights.matryoshka_weights)}
     needs_norms = weights.sparsity_coef > 0 or (weights.preact_coef > 0 and codes.pre is not None)
     dec_norms = model.decoder_norms() if needs_norms else None
     ramp = sparsity_ramp(step, weights.sparsity_warmup_steps)

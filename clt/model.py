@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,12 +49,28 @@ class Codes:
         return (self.values.detach() > 0).sum(dim=-1).float().mean(dim=1)
 
 
+def codes_in_range(codes: Codes, lo: int, hi: int) -> Codes:
+    """The slots of ``codes`` whose feature lies in ``[lo, hi)``, packed to the front of each row
+    (``K`` cut to the largest count; other slots become padding), differentiable in the values."""
+    inside = (codes.indices >= lo) & (codes.indices < hi)
+    order = torch.argsort((~inside).to(torch.int8), dim=-1, stable=True)  # members first
+    K = max(int(inside.sum(dim=-1).max()) if inside.numel() else 0, 1)
+    order = order[..., :K]
+    keep = inside.gather(-1, order)
+    values = codes.values.gather(-1, order) * keep
+    indices = torch.where(keep, codes.indices.gather(-1, order), 0)
+    return Codes(values, indices)
+
+
 class CrossLayerTranscoder(nn.Module):
     """Crosslayer transcoder with decoder reach ``R``.
 
     Parameters: ``W_enc [L, d_in, F]``, ``b_enc [L, F]``, ``W_dec [F * P, d_out]`` (one row table
-    for all sources, see ``kernels.DecoderLayout``), ``b_dec [L, d_out]``, and for JumpReLU
-    ``log_threshold [L, F]`` (float32 even when the rest is bf16).
+    for all sources, see ``kernels.DecoderLayout``), ``b_dec [L, d_out]``, for JumpReLU
+    ``log_threshold [L, F]`` (float32 even when the rest is bf16) and with ``skip=True`` a linear
+    skip connection ``W_skip [L, d_in, d_out]`` (zero at init: ``yhat[t] += x[t] @ W_skip[t]``).
+    ``prefix_bounds``: Matryoshka prefixes, the feature counts ``F_1 < ... < F_G = F`` of the
+    nested dictionaries whose reconstructions :meth:`prefix_outputs` returns.
     Buffers: the standardizer, ``tokens_since_fired [L, F]`` and, for BatchTopK, the EMA
     ``threshold`` used at inference.
     """
@@ -72,10 +89,16 @@ class CrossLayerTranscoder(nn.Module):
         rank_by_decoder_norm: bool = False,
         jumprelu_init_threshold: float = 0.1,
         jumprelu_bandwidth: float = 0.1,
+        skip: bool = False,
+        prefix_bounds: Sequence[int] | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        bounds = list(prefix_bounds or [])
+        if bounds and (bounds != sorted(set(bounds)) or bounds[0] < 1
+                       or bounds[-1] != self._features_total(n_features)):
+            raise ValueError(f"prefix_bounds must increase from >= 1 to n_features, got {bounds}")
         if nonlinearity not in NONLINEARITIES:
             raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
         if nonlinearity in ("topk", "batchtopk") and not (k and 1 <= k <= n_features):
@@ -92,6 +115,8 @@ class CrossLayerTranscoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n_layers, n_features, **factory))
         self.W_dec = nn.Parameter(torch.empty(self.layout.n_rows, d_out, **factory))
         self.b_dec = nn.Parameter(torch.zeros(n_layers, d_out, **factory))
+        self.W_skip = nn.Parameter(torch.zeros(n_layers, d_in, d_out, **factory)) if skip else None
+        self.prefix_bounds = tuple(bounds) or None
         if nonlinearity == "jumprelu":
             init = math.log(jumprelu_init_threshold)
             self.log_threshold = nn.Parameter(
@@ -110,6 +135,15 @@ class CrossLayerTranscoder(nn.Module):
     @property
     def reach(self) -> int:
         return self.layout.reach
+
+    def _features_total(self, n_features: int) -> int:
+        """Features of the whole model (``ShardedCLT`` holds a slice of them)."""
+        return n_features
+
+    def prefix_ranges(self) -> list[tuple[int, int]]:
+        """Matryoshka groups as ``[lo, hi)`` ranges of this module's feature indices."""
+        bounds = [0, *(self.prefix_bounds or [self._features_total(self.n_features)])]
+        return list(zip(bounds[:-1], bounds[1:], strict=True))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -186,9 +220,29 @@ class CrossLayerTranscoder(nn.Module):
         b_dec = self.b_dec if bias else None
         return kernels.sparse_decode(codes.values, codes.indices, self.W_dec, b_dec, self.layout)
 
+    def skip_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``[L, N, d_out]`` skip-connection term ``x[t] @ W_skip[t]``, or None without one."""
+        return None if self.W_skip is None else torch.bmm(x, self.W_skip)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Codes]:
         codes = self.encode(x)
-        return self.decode(codes), codes
+        yhat = self.decode(codes)
+        skip = self.skip_output(x)
+        return (yhat if skip is None else yhat + skip), codes
+
+    def prefix_outputs(self, x: torch.Tensor, codes: Codes) -> list[torch.Tensor]:
+        """Reconstructions ``[L, N, d_out]`` of the nested prefixes (Matryoshka), smallest first;
+        the last is the full output. Each active feature is decoded once, in the decode of its
+        own group; prefixes are cumulative sums of those partial decodes (bias and skip in all)."""
+        base = self.b_dec.unsqueeze(1)
+        skip = self.skip_output(x)
+        base = base if skip is None else base + skip
+        outputs, total = [], None
+        for lo, hi in self.prefix_ranges():
+            part = self.decode(codes_in_range(codes, lo, hi), bias=False)
+            total = part if total is None else total + part
+            outputs.append(base + total)
+        return outputs
 
     def reconstruct(self, x_raw: torch.Tensor) -> torch.Tensor:
         """Raw hook activations in, raw MLP-output-scale reconstruction out."""
@@ -243,7 +297,9 @@ class CrossLayerTranscoder(nn.Module):
 
         ``pre`` is unchanged by the fold, so codes, thresholds and the selection are identical:
         ``W_enc' = W_enc / std_in``, ``b_enc' = b_enc - (mean_in / std_in) @ W_enc``,
-        ``W_dec'[., t, :] = W_dec[., t, :] * std_out[t]``, ``b_dec' = b_dec * std_out + mean_out``.
+        ``W_dec'[., t, :] = W_dec[., t, :] * std_out[t]``, ``b_dec' = b_dec * std_out + mean_out``
+        and, with a skip connection, ``W_skip' = W_skip / std_in * std_out`` and ``b_dec'`` less
+        ``(mean_in / std_in) @ W_skip * std_out``.
         """
         if self.rank_by_decoder_norm:
             raise ValueError("folding rescales decoder norms, which would change a TopK model "
@@ -257,7 +313,12 @@ class CrossLayerTranscoder(nn.Module):
             R_s = self.layout.reach_of(s)
             block = self.decoder_view(s).double() * st.out_std[s : s + R_s].unsqueeze(0)
             folded.decoder_view(s).copy_(block)
-        folded.b_dec.copy_(self.b_dec.double() * st.out_std + st.out_mean)
+        b_dec = self.b_dec.double()
+        if self.W_skip is not None:  # x_std @ W = x_raw @ (W / std_in) - (mean_in / std_in) @ W
+            W_skip = self.W_skip.double() / st.in_std.unsqueeze(-1)
+            b_dec = b_dec - torch.einsum("ld,lde->le", st.in_mean, W_skip)
+            folded.W_skip.copy_(W_skip * st.out_std.unsqueeze(1))
+        folded.b_dec.copy_(b_dec * st.out_std + st.out_mean)
         folded.standardizer.reset_()
         return folded
 

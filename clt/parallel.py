@@ -266,6 +266,15 @@ class ShardedCLT(CrossLayerTranscoder):
         if self.nonlinearity in ("topk", "batchtopk") and not (k and 1 <= k <= n_features):
             raise ValueError(f"{self.nonlinearity} needs 1 <= k <= n_features={n_features}")
 
+    def _features_total(self, n_features: int) -> int:
+        return self.global_features
+
+    def prefix_ranges(self) -> list[tuple[int, int]]:
+        """The full model's Matryoshka ranges cut to this shard (possibly empty)."""
+        off, n = self.feature_offset, self.n_features
+        return [(min(max(lo - off, 0), n), min(max(hi - off, 0), n))
+                for lo, hi in super().prefix_ranges()]
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         super().reset_parameters()

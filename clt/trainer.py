@@ -64,12 +64,17 @@ def build_model(
         rank_by_decoder_norm=nl.rank_by_decoder_norm,
         jumprelu_init_threshold=nl.jumprelu_init_threshold,
         jumprelu_bandwidth=nl.jumprelu_bandwidth,
+        skip=cfg.model.skip,
+        prefix_bounds=cfg.prefix_bounds,
         device=device,
     )
 
 
 def loss_weights(cfg: Config) -> LossWeights:
-    return LossWeights(**cfg.loss.model_dump())
+    values = cfg.loss.model_dump()
+    if values["matryoshka_weights"] is not None:
+        values["matryoshka_weights"] = tuple(values["matryoshka_weights"])
+    return LossWeights(**values)
 
 
 def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:

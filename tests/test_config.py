@@ -200,6 +200,19 @@ BAD = [
     ("beta-1", ["train.betas=[0.9,1.0]"], "train.betas[1]"),
     ("heldout-half", ["data.lm.heldout_fraction=0.5"], "data.lm.heldout_fraction"),
     ("missing-required", ['train={"lr": 0.1}'], "train.steps"),
+    ("matryoshka-not-ending-at-1", ["model.matryoshka_prefixes=[0.25,0.5]"],
+     "model.matryoshka_prefixes"),
+    ("matryoshka-decreasing", ["model.matryoshka_prefixes=[0.5,0.25,1]"],
+     "model.matryoshka_prefixes"),
+    ("matryoshka-fractional-features", ["model.matryoshka_prefixes=[0.3,1]"],
+     "model.matryoshka_prefixes"),
+    ("matryoshka-weights-count", ["model.matryoshka_prefixes=[0.5,1]",
+                                  "loss.matryoshka_weights=[1,1,1]"], "loss.matryoshka_weights"),
+    ("matryoshka-weights-alone", ["loss.matryoshka_weights=[1]"], "loss.matryoshka_weights"),
+    ("fp16-parallel", ["train.mixed_precision=fp16", "parallel.tensor=2"],
+     "train.mixed_precision"),
+    ("batch-not-divisible-tp", ["parallel.tensor=16", "model.n_features=1024",
+                                "train.batch_tokens=24"], "train.batch_tokens"),
 ]
 
 

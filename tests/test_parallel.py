@@ -52,6 +52,11 @@ CASES = [  # (nonlinearity, reach, extra model kwargs)
     ("jumprelu", 1, {"jumprelu_init_threshold": 0.05}),
     ("relu", None, {}),
     ("relu", 1, {}),
+    # Matryoshka prefixes that end inside a shard (rank 1 holds none of the first ones) and skips
+    ("topk", None, {"prefix_bounds": [2, 8, 16], "skip": True}),
+    ("batchtopk", 1, {"batchtopk_scope": "layer", "prefix_bounds": [4, 12, 16]}),
+    ("jumprelu", None, {"jumprelu_init_threshold": 0.05, "prefix_bounds": [8, 16],
+                        "skip": True}),
 ]
 
 
@@ -68,6 +73,8 @@ def full_model(case, seed: int) -> CrossLayerTranscoder:
         model.b_enc.normal_(0, 0.2)
         model.b_dec.normal_(0, 0.1)
         model.tokens_since_fired[:, DEAD] = 1000
+        if model.W_skip is not None:
+            model.W_skip.normal_(0, 0.1)
     return model
 
 
