@@ -213,6 +213,12 @@ COMBINE_BLOCKS_INTERP = dict(BLOCK_R=8, BLOCK_C=32)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def gemm_blocks(blocks: dict, precision: str) -> dict:
+    """Tiles of the grouped GEMM for a ``tl.dot`` precision: an ieee fp32 dot runs on CUDA cores
+    and at ``BLOCK_K`` 32 ptxas keeps an 8 B stack frame at sm_90; 16 keeps it at 0."""
+    return {**blocks, "BLOCK_K": min(blocks["BLOCK_K"], 16)} if precision == "ieee" else blocks
+
+
 def _fit(block: int, n: int) -> int:
     """A block size capped by ``block`` and shrunk to ``n`` (at least 16, ``tl.dot``'s minimum)."""
     return min(block, max(16, triton.next_power_of_2(max(n, 1))))
@@ -312,6 +318,8 @@ def _gemm(a, b, out, plan, g, blocks, *, gather, scale, b_strides, KD, C, a_base
     t0, t1 = plan.group_tiles[g]
     if t1 == t0:
         return
+    precision = _dot_precision(b.dtype)
+    blocks = gemm_blocks(blocks, precision)
     block_c = _fit(blocks["BLOCK_C"], C)
     block_k = _fit(blocks["BLOCK_K"], KD)
     dtypes = {a.dtype, b.dtype}
@@ -322,7 +330,7 @@ def _gemm(a, b, out, plan, g, blocks, *, gather, scale, b_strides, KD, C, a_base
         tile0=t0, e0=plan.group_experts[g][0], a_base=a_base, out_base=out_base,
         KD=KD, C=C, stride_be=b_strides[0], stride_bk=b_strides[1], stride_bc=b_strides[2],
         GATHER_A=gather, SCALE=scale, BLOCK_P=blocks["BLOCK_P"], BLOCK_C=block_c,
-        BLOCK_K=block_k, PRECISION=_dot_precision(b.dtype),
+        BLOCK_K=block_k, PRECISION=precision,
         UPCAST=not a.is_cuda or len(dtypes) > 1,
     )
 

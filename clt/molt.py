@@ -1,0 +1,190 @@
+"""MOLT: a sparse mixture of low-rank linear transforms per layer (a transcoder alternative).
+
+Each of ``L`` layers (any subset of the LM's layers: one row of the activations each) has a gate
+encoder and ``T`` transforms ``U_t V_t`` of a few ranks. On standardized ``x [L, N, d_in]``:
+
+    gate = nonlinearity(x @ W_enc + b_enc)                    # sparse codes, [L, N, K]
+    yhat = b_dec + sum_t gate_t * U_t (V_t x)                  # [L, N, d_out], active t only
+
+No crosslayer writes. Transforms come in rank groups ``[(rank, count), ...]`` (e.g.
+:func:`molt_groups`): group ``g`` holds ``U_g [L, T_g, d_out, r_g]``, ``V_g [L, T_g, r_g, d_in]``
+and the transform ids ``o_g .. o_g + T_g - 1`` in the configured order. The sparsity penalty
+``tanh(c * ||U_t V_t||_F * gate_t)`` is ``clt.losses.tanh_penalty(codes, decoder_norms(), c)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+import kernels
+
+from .model import NONLINEARITIES, Codes, CrossLayerTranscoder
+from .standardize import Standardizer
+
+DEFAULT_RANKS = (512, 256, 128, 64, 32)
+
+
+def molt_groups(n: int, ranks: Sequence[int] = DEFAULT_RANKS) -> list[tuple[int, int]]:
+    """Rank groups ``[(ranks[0], n), (ranks[1], 2n), (ranks[2], 4n), ...]``: each halving of
+    the rank doubles the count, so every group holds about the same number of parameters."""
+    if n < 1 or not ranks or any(r < 1 for r in ranks):
+        raise ValueError(f"molt_groups needs n >= 1 and positive ranks, got n={n}, {ranks}")
+    return [(int(r), n * 2**i) for i, r in enumerate(ranks)]
+
+
+class MixtureOfLinearTransforms(nn.Module):
+    """Sparse mixture of linear transforms over ``L`` layers.
+
+    Parameters: gate encoder ``W_enc [L, d_in, T]``, ``b_enc [L, T]``; per rank group ``U[g]``
+    ``[L, T_g, d_out, r_g]`` and ``V[g]`` ``[L, T_g, r_g, d_in]`` (``nn.ParameterList``s, state
+    dict keys ``U.0``, ``V.0``, ...); ``b_dec [L, d_out]``; for JumpReLU ``log_threshold [L, T]``
+    (float32). Buffers: the standardizer, ``tokens_since_fired [L, T]`` and, for BatchTopK, the
+    inference ``threshold``. ``n_features`` is ``T``: the gate is a dictionary of transforms.
+    """
+
+    # The gate is a CLT encoder: the same parameters, nonlinearities, dead-feature statistics and
+    # AuxK candidate search. These methods touch only W_enc, b_enc, the thresholds, the buffers
+    # and decoder_norms(), so they are shared as they are rather than written twice.
+    pre_activations = CrossLayerTranscoder.pre_activations
+    encode = CrossLayerTranscoder.encode
+    _batchtopk = CrossLayerTranscoder._batchtopk
+    _update_threshold = CrossLayerTranscoder._update_threshold
+    _check_inputs = CrossLayerTranscoder._check_inputs
+    dead_mask = CrossLayerTranscoder.dead_mask
+    update_dead_stats = CrossLayerTranscoder.update_dead_stats
+    auxk_codes = CrossLayerTranscoder.auxk_codes
+    auxk_candidates = CrossLayerTranscoder.auxk_candidates
+    reconstruct = CrossLayerTranscoder.reconstruct
+
+    def __init__(
+        self,
+        n_layers: int,
+        d_in: int,
+        d_out: int,
+        rank_groups: Sequence[tuple[int, int]],
+        nonlinearity: str = "topk",
+        k: int | None = None,
+        batchtopk_scope: str = "layer",
+        threshold_ema_decay: float = 0.99,
+        rank_by_decoder_norm: bool = False,
+        jumprelu_init_threshold: float = 0.1,
+        jumprelu_bandwidth: float = 0.1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        groups = [(int(r), int(c)) for r, c in rank_groups]
+        if not groups or any(r < 1 or c < 1 for r, c in groups):
+            raise ValueError(f"rank_groups must be non-empty [(rank, count), ...] with positive "
+                             f"entries, got {rank_groups}")
+        n_features = sum(c for _, c in groups)
+        if nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
+        if nonlinearity in ("topk", "batchtopk") and not (k and 1 <= k <= n_features):
+            raise ValueError(f"{nonlinearity} needs 1 <= k <= n_transforms={n_features}, got {k}")
+        if n_layers < 1 or d_in < 1 or d_out < 1:
+            raise ValueError(f"need n_layers, d_in, d_out >= 1, got {n_layers}, {d_in}, {d_out}")
+        self.n_layers, self.d_in, self.d_out, self.n_features = n_layers, d_in, d_out, n_features
+        self.rank_groups = groups
+        self.nonlinearity, self.k = nonlinearity, k
+        self.batchtopk_scope, self.threshold_ema_decay = batchtopk_scope, threshold_ema_decay
+        self.rank_by_decoder_norm = rank_by_decoder_norm
+        self.jumprelu_bandwidth = jumprelu_bandwidth
+
+        factory = {"dtype": dtype, "device": device}
+        self.W_enc = nn.Parameter(torch.empty(n_layers, d_in, n_features, **factory))
+        self.b_enc = nn.Parameter(torch.zeros(n_layers, n_features, **factory))
+        self.U = nn.ParameterList(
+            [nn.Parameter(torch.empty(n_layers, c, d_out, r, **factory)) for r, c in groups]
+        )
+        self.V = nn.ParameterList(
+            [nn.Parameter(torch.empty(n_layers, c, r, d_in, **factory)) for r, c in groups]
+        )
+        self.b_dec = nn.Parameter(torch.zeros(n_layers, d_out, **factory))
+        if nonlinearity == "jumprelu":
+            init = math.log(jumprelu_init_threshold)
+            self.log_threshold = nn.Parameter(
+                torch.full((n_layers, n_features), init, dtype=torch.float32, device=device)
+            )
+        n_thresholds = n_layers if batchtopk_scope == "layer" else 1
+        self.register_buffer("threshold", torch.zeros(n_thresholds, device=device))
+        self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer(
+            "tokens_since_fired", torch.zeros(n_layers, n_features, dtype=torch.int64,
+                                              device=device)
+        )
+        self.standardizer = Standardizer(n_layers, d_in, d_out).to(device)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """``W_enc ~ U(+-1/sqrt(T))`` as a CLT's; ``V ~ U(+-1/sqrt(d_in))``,
+        ``U ~ U(+-1/sqrt(r * d_out))``, biases 0.
+
+        Why: with standardized ``x`` (unit variance per dim) each of the ``r`` coordinates of
+        ``V x`` has variance 1/3, and each entry of ``U V`` has variance ``1 / (9 d_in d_out)``, so
+        ``||U_t V_t||_F ~ 1/3`` and ``||U_t V_t x|| ~ 1/3`` for *every* rank: the groups start on
+        an equal footing in the output and in the tanh penalty, at the scale of a per-layer
+        transcoder's decoder row (``1/sqrt(3) * ||row||`` units: ``U(+-1/sqrt(d_out))`` rows have
+        norm ~0.58).
+        """
+        bound = 1 / math.sqrt(self.n_features)
+        self.W_enc.uniform_(-bound, bound)
+        for (r, _), U, V in zip(self.rank_groups, self.U, self.V, strict=True):
+            V.uniform_(-1 / math.sqrt(self.d_in), 1 / math.sqrt(self.d_in))
+            U.uniform_(-1 / math.sqrt(r * self.d_out), 1 / math.sqrt(r * self.d_out))
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    def transform_ranges(self) -> list[tuple[int, int]]:
+        """``[lo, hi)`` transform ids of each rank group, in the configured order."""
+        bounds = [0]
+        for _, count in self.rank_groups:
+            bounds.append(bounds[-1] + count)
+        return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+    def transform_ranks(self) -> torch.Tensor:
+        """``[T]`` rank of each transform id."""
+        return torch.cat([torch.full((c,), r, dtype=torch.int64) for r, c in self.rank_groups])
+
+    def decoder_norms(self) -> torch.Tensor:
+        """``[L, T]`` Frobenius norms ``||U_t V_t||_F`` without forming ``U_t V_t``:
+        ``||U V||_F^2 = trace((U^T U)(V V^T)) = sum((U^T U) * (V V^T))`` (both Grams symmetric),
+        ``r^2 (d_in + d_out)`` FMAs per transform instead of ``r d_in d_out``. Differentiable; the
+        backward keeps the two ``[L, T_g, r, r]`` Grams of each group."""
+        norms = []
+        for U, V in zip(self.U, self.V, strict=True):
+            acc = torch.promote_types(U.dtype, torch.float32)
+            U, V = U.to(acc), V.to(acc)
+            utu = torch.einsum("ltor,ltos->ltrs", U, U)  # [L, T_g, r, r]
+            vvt = torch.einsum("ltrd,ltsd->ltrs", V, V)
+            sq = (utu * vvt).sum(dim=(-2, -1))
+            # rounding can leave a zero transform's square slightly negative; tiny keeps sqrt'
+            norms.append(sq.clamp_min(torch.finfo(acc).tiny).sqrt())
+        return torch.cat(norms, dim=1).to(self.b_dec.dtype)
+
+    def decode(self, x: torch.Tensor, codes: Codes, bias: bool = True,
+               layer: int | None = None) -> torch.Tensor:
+        """Standardized ``[L, N, d_out]`` output of the gated transforms on ``x [L, N, d_in]``.
+
+        ``bias=False`` for AuxK (the dead transforms' output without ``b_dec``); ``layer``: the
+        one layer of ``x [1, N, d_in]`` and ``codes`` (closed-loop evaluation, with
+        ``encode(x, layer=...)``).
+        """
+        rows = slice(None) if layer is None else slice(layer, layer + 1)
+        self._check_inputs(x, layer)
+        Us = [U[rows] for U in self.U]
+        Vs = [V[rows] for V in self.V]
+        # JumpReLU codes hold value-0 slots inside the STE window whose gradient the threshold
+        # needs; the other nonlinearities' value-0 slots pass no gradient on
+        out = kernels.molt_apply(x, codes.values, codes.indices, Us, Vs,
+                                 zero_slot_grad=self.nonlinearity == "jumprelu")
+        return out + self.b_dec[rows].unsqueeze(1) if bias else out
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Codes]:
+        codes = self.encode(x)
+        return self.decode(x, codes), codes
