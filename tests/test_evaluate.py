@@ -285,6 +285,20 @@ def test_evaluate_run_graph_scores_are_the_mean_over_held_out_prompts(runs):
     assert "replacement_score" not in none["open"]
 
 
+def test_evaluate_run_has_no_graph_scores_for_an_sae(tmp_path):
+    """An SAE's features write its input hook, not the MLP outputs: no attribution graph."""
+    from clt.evaluate import evaluate_run
+
+    path, run_dir = write_run_config(
+        tmp_path, "topk", "lm", name="sae", model={"n_features": 32, "reach": 1},
+        data={"lm": {**TINY_LM, "producer_thread": False, "output_hook": "hook_mlp_in"}},
+        train={"steps": 2}, eval={"every": 2, "tokens": 64, "replacement_tokens": 0},
+        checkpoint={"every": 2, "keep_last": 1})
+    train.main([str(path)])
+    result = evaluate_run(run_dir, n_tokens=16, modes=("open",))
+    assert "ce_repl" in result["open"] and "replacement_score" not in result["open"]
+
+
 def test_cli_table_compare_and_errors(runs, tmp_path, capsys):
     main([str(runs[0]), "--tokens", "32"])
     out = capsys.readouterr().out
