@@ -179,11 +179,26 @@ class MixtureOfLinearTransforms(nn.Module):
         self._check_inputs(x, layer)
         Us = [U[rows] for U in self.U]
         Vs = [V[rows] for V in self.V]
-        # JumpReLU codes hold value-0 slots inside the STE window whose gradient the threshold
-        # needs; the other nonlinearities' value-0 slots pass no gradient on
         out = kernels.molt_apply(x, codes.values, codes.indices, Us, Vs,
-                                 zero_slot_grad=self.nonlinearity == "jumprelu")
+                                 zero_slot_grad=self._window_slots(codes, rows))
         return out + self.b_dec[rows].unsqueeze(1) if bias else out
+
+    def _window_slots(self, codes: Codes, rows: slice) -> bool | torch.Tensor:
+        """Value-0 slots whose gradient matters: JumpReLU codes hold the entries inside the STE
+        window below the threshold (value 0, gradient needed for the threshold); the other
+        nonlinearities' value-0 slots pass no gradient on. Padding slots (value 0, index 0) are
+        left out, so they do not pile onto transform 0 in the backward."""
+        if self.nonlinearity != "jumprelu" or not torch.is_grad_enabled():
+            return False
+        if codes.pre is None:
+            return True
+        with torch.no_grad():
+            idx = codes.indices.long()
+            log_theta = self.log_threshold[rows]  # exp in at least fp32, as jumprelu_codes
+            theta = log_theta.to(torch.promote_types(log_theta.dtype, torch.float32)).exp()
+            theta = theta.gather(1, idx.flatten(1)).view_as(idx)
+            # the same arithmetic as jumprelu_codes' selection, so every window slot is kept
+            return codes.pre.gather(-1, idx) - theta > -self.jumprelu_bandwidth / 2
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Codes]:
         codes = self.encode(x)

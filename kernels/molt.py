@@ -9,8 +9,8 @@ Transforms come in rank groups: group ``g`` holds ``T_g`` transforms of rank ``r
 ``o_g .. o_g + T_g - 1`` (``o_g`` = transforms of earlier groups; ``T = sum T_g``).
 
 **Plan** (shared by both paths, torch ops): every (layer, token, slot) entry that takes part
-(value != 0; every slot for the backward of ``values`` with ``zero_slot_grad``) gets the key of
-its *expert*, the pair (layer, transform), in group-major order
+(value != 0; in the backward of ``values`` also the value-0 slots ``zero_slot_grad`` names) gets
+the key of its *expert*, the pair (layer, transform), in group-major order
 ``key = L * o_g + l * T_g + (t - o_g)``: the experts of a group are then contiguous and expert
 ``e = l * T_g + (t - o_g)`` of group ``g`` is row ``e`` of ``U_g.view(L * T_g, d_out, r_g)``. A
 stable sort by key groups the entries by expert (``perm``), ``searchsorted`` gives each expert's
@@ -253,10 +253,11 @@ def make_plan(
     indices: torch.Tensor,
     sizes: Sequence[int],
     *,
-    all_slots: bool = False,
+    zero_slots: bool | torch.Tensor = False,
     block_p: int | None = None,
 ) -> MoltPlan:
-    """Sort the taking-part entries by expert; ``all_slots`` includes value-0 slots.
+    """Sort the taking-part entries by expert: value != 0, plus the value-0 slots that
+    ``zero_slots`` names (True: all of them; a bool ``[L, N, K]`` tensor: those).
 
     ``block_p``: also build the Triton tile table for tiles of that many entries; without it, read
     every expert's segment to the host (the torch path loops over them).
@@ -269,7 +270,12 @@ def make_plan(
     kb = torch.cat([L * o + torch.arange(s, device=dev) for o, s in zip(first, sizes, strict=True)])
     kt = torch.cat([torch.full((s,), s, device=dev) for s in sizes])
     idx = indices.reshape(L, N * K).long()
-    take = torch.ones_like(idx, dtype=torch.bool) if all_slots else values.reshape(L, -1) != 0
+    if zero_slots is True:
+        take = torch.ones_like(idx, dtype=torch.bool)
+    else:
+        take = values.reshape(L, -1) != 0
+        if isinstance(zero_slots, torch.Tensor):
+            take = take | zero_slots.reshape(L, -1)
     safe = idx.clamp(0, T - 1)  # out-of-range ids are reported below, after the one sync
     layer = torch.arange(L, device=dev).unsqueeze(1)
     keys = torch.where(take, kb[safe] + layer * kt[safe], L * T).flatten()
@@ -405,7 +411,8 @@ def molt_bwd(grad_out, x, values, indices, Us, Vs, *, need_x, need_values, need_
     gemm_b, wgrad_b, comb_b = _blocks(dev)
     x, values, grad_out = x.contiguous(), values.contiguous(), grad_out.contiguous()
     plan = make_plan(values, indices, [U.shape[1] for U in Us],
-                     all_slots=need_values and zero_slot_grad, block_p=gemm_b["BLOCK_P"])
+                     zero_slots=zero_slot_grad if need_values else False,
+                     block_p=gemm_b["BLOCK_P"])
     P = plan.group_entries[-1][1]
     x2, g2 = x.view(L * N, d_in), grad_out.view(L * N, d_out)
     dots = torch.empty(P, device=dev, dtype=torch.float32) if need_values else None
@@ -512,7 +519,7 @@ def molt_bwd_torch(grad_out, x, values, indices, Us, Vs, *, need_x, need_values,
     d_out = Us[0].shape[2]
     acc = torch.promote_types(x.dtype, torch.float32)
     plan = make_plan(values, indices, [U.shape[1] for U in Us],
-                     all_slots=need_values and zero_slot_grad)
+                     zero_slots=zero_slot_grad if need_values else False)
     x2, g2 = x.reshape(L * N, d_in), grad_out.reshape(L * N, d_out)
     gx_pairs = _pair_buffer(plan, d_in, acc) if need_x else None
     dots = torch.zeros(plan.perm.numel(), device=x.device, dtype=acc)
@@ -618,7 +625,7 @@ def molt_apply(
     U: torch.Tensor | Sequence[torch.Tensor],
     V: torch.Tensor | Sequence[torch.Tensor],
     *,
-    zero_slot_grad: bool = True,
+    zero_slot_grad: bool | torch.Tensor = True,
 ) -> torch.Tensor:
     """Sparse mixture of low-rank transforms: ``y[l, n] = sum_j v[l,n,j] U_t V_t x[l, n]``.
 
@@ -634,16 +641,24 @@ def molt_apply(
             group ``g`` owns ids ``sum_{g' < g} T_g' ..`` in the order given.
         U: ``U_g [L, T_g, d_out, r_g]`` for each rank group (a tensor for a single group).
         V: ``V_g [L, T_g, r_g, d_in]``, same groups. ``x``, ``U``, ``V`` share one dtype.
-        zero_slot_grad: compute ``grad_values`` at value-0 slots too (exact; what JumpReLU codes
-            need, whose value-0 slots inside the STE window carry the threshold gradient). False
-            skips them (their gradient is then 0) and saves their work in the backward; right for
-            TopK / BatchTopK / ReLU codes, whose value-0 slots pass no gradient on.
+        zero_slot_grad: which value-0 slots get their exact ``grad_values``
+            (``<g, U_t V_t x>``; the others get 0 and cost nothing in the backward). True: all
+            (the exact gradient of every slot); False: none (right for TopK / BatchTopK / ReLU
+            codes, whose value-0 slots pass no gradient on); a bool ``[L, N, K]`` tensor: those
+            slots (JumpReLU: the value-0 slots inside the STE window carry the threshold
+            gradient, while padding, all pointing at transform 0, would pile onto one expert).
 
     Returns:
         ``y [L, N, d_out]`` in x's dtype (no bias).
     """
     Us, Vs = _as_list(U), _as_list(V)
     _check(x, values, indices, Us, Vs)
+    if isinstance(zero_slot_grad, torch.Tensor) and (
+        zero_slot_grad.dtype != torch.bool or zero_slot_grad.shape != values.shape
+    ):
+        raise ValueError(f"molt_apply: zero_slot_grad must be a bool or a bool tensor shaped like "
+                         f"values {tuple(values.shape)}, got {zero_slot_grad.dtype} "
+                         f"{tuple(zero_slot_grad.shape)}")
     floats = [x, values, *Us, *Vs]
     kernels = (
         use_triton(indices, *floats)

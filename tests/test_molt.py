@@ -242,8 +242,8 @@ def test_bad_inputs_raise():
             molt_apply(x, v, idx_bad, Us, Vs)
 
 
-def _compile_jobs() -> list[CompileJob]:
-    """Every kernel variant the launchers use, at the GPU block sizes, fp32 and bf16, sm_90."""
+def _compile_jobs(arch: int) -> list[CompileJob]:
+    """Every kernel variant the launchers use, at the GPU block sizes, fp32 and bf16."""
     m = molt_mod
     ints = {"tile0": "i32", "e0": "i32", "a_base": "i32", "out_base": "i32", "KD": "i32",
             "C": "i32", "stride_be": "i32", "stride_bk": "i32", "stride_bc": "i32"}
@@ -257,7 +257,8 @@ def _compile_jobs() -> list[CompileJob]:
                        "tile_p_ptr": "*i64", **ints}
                 blocks = m.gemm_blocks(m.GEMM_BLOCKS_GPU, precision)
                 jobs.append(CompileJob(m._molt_gemm_kernel, sig, dict(
-                    GATHER_A=gather, SCALE=scale, PRECISION=precision, UPCAST=a != w, **blocks)))
+                    GATHER_A=gather, SCALE=scale, PRECISION=precision, UPCAST=a != w, **blocks),
+                    arch))
             # grad_U (gathered grad_y, scaled, with h) and grad_V (gh with gathered x)
             for ga, gc, scale, a, c in ((True, False, True, w, "*fp32"),
                                         (False, True, False, "*fp32", w)):
@@ -266,22 +267,37 @@ def _compile_jobs() -> list[CompileJob]:
                        "c_base": "i32", "I": "i32", "J": "i32"}
                 jobs.append(CompileJob(m._molt_wgrad_kernel, sig, dict(
                     GATHER_A=ga, GATHER_C=gc, SCALE=scale, PRECISION=precision, UPCAST=a != c,
-                    **m.WGRAD_BLOCKS_GPU)))
+                    **m.WGRAD_BLOCKS_GPU), arch))
         jobs.append(CompileJob(m._molt_combine_kernel, {"buf_ptr": "*fp32", "pos_ptr": "*i64",
                                                         "out_ptr": w, "R": "i32", "K": "i32",
                                                         "C": "i32"},
-                               dict(m.COMBINE_BLOCKS_GPU)))
+                               dict(m.COMBINE_BLOCKS_GPU), arch))
     return jobs
 
 
-def test_kernels_compile_for_sm90_without_spills():
-    jobs = _compile_jobs()
+def test_kernels_compile_for_sm80_sm90_without_spills():
+    jobs = _compile_jobs(80) + _compile_jobs(90)
     usages = compile_for_gpu(jobs)
     report = [f"{u.name} {j.signature['a_ptr' if 'a_ptr' in j.signature else 'out_ptr']} "
               f"{j.constexprs}: {u.registers} regs, stack {u.stack_bytes}, spill {u.spill_bytes}"
               for j, u in zip(jobs, usages, strict=True)]
     print("\n".join(report))
     assert all(u.spill_bytes == 0 and u.stack_bytes == 0 for u in usages), "\n".join(report)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_triton_gpu_shape_matches_torch_path(dtype):
+    """A GPT-2-small-sized layer on CUDA: Triton against the float64 torch path."""
+    shape = (2, 2048, 16, 768, 768, molt_groups(4))
+    xv, idx, Us, Vs = make_problem(*shape, dtype=dtype)
+    move = [t.cuda() for t in (*xv, *Us, *Vs)]
+    xv, Us, Vs, idx = move[:2], move[2:7], move[7:], idx.cuda()
+    upstream = torch.randn(shape[0], shape[1], shape[4], device="cuda")
+    got = run_op(xv, idx, Us, Vs, upstream)
+    want = run_op([t.double() for t in xv], idx, [U.double() for U in Us],
+                  [V.double() for V in Vs], upstream)
+    check(got, want, shape[5], tol=(2e-3, 2e-3) if dtype == F32 else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,6 +360,13 @@ def test_model_forward_and_gradients_match_dense_model(nonlinearity):
         assert_close(a, b, name=f"grad {name}")
     if nonlinearity == "jumprelu":
         assert bool((ref_grads[names.index("log_threshold")] != 0).any())
+        # the value-0 slots given a gradient: every real slot (mask_to_codes packs them to the
+        # front of the row), and padding only where transform 0 itself is in the window
+        inside = codes.pre - model.log_threshold.exp().unsqueeze(1) > -0.15
+        real = torch.arange(codes.values.shape[2]) < inside.sum(-1, keepdim=True)
+        assert (~real).any() and (codes.values[real] == 0).any()
+        slots = model._window_slots(codes, slice(None))
+        assert torch.equal(slots, real | inside[..., :1])
 
 
 def test_model_triton_fp32_matches_dense_model():
@@ -452,3 +475,19 @@ def test_model_bad_arguments_raise():
     model = make_model("relu")
     with pytest.raises(ValueError, match="expected x of shape"):
         model(torch.randn(L_, N_, D_IN + 1, dtype=F64))
+
+
+def test_zero_slot_grad_mask_selects_value0_slots():
+    """A bool mask: exact ``grad_values`` at the value-0 slots it names, 0 at the others."""
+    shape = SHAPES["L2-N21-K3-ranks17-5-1"]
+    xv, idx, Us, Vs = make_problem(*shape)
+    upstream = torch.randn(shape[0], shape[1], shape[4], dtype=F64)
+    zero = xv[1] == 0
+    named = zero & (torch.arange(shape[1]).view(1, -1, 1) % 2 == 0)
+    assert named.any() and (zero & ~named).any()
+    _, grads = run_op(xv, idx, Us, Vs, upstream, zero_slot_grad=named)
+    _, ref_grads = run_ref(xv, idx, Us, Vs, upstream)
+    assert_close(grads[1][~zero | named], ref_grads[1][~zero | named], name="grad values")
+    assert bool((grads[1][zero & ~named] == 0).all())
+    with pytest.raises(ValueError, match="bool tensor shaped like values"):
+        molt_apply(xv[0], xv[1], idx, Us, Vs, zero_slot_grad=named[:, :3])
