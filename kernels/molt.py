@@ -506,8 +506,10 @@ def molt_fwd_torch(x, values, indices, Us, Vs):
     for g, (U, V) in enumerate(zip(Us, Vs, strict=True)):
         U2, V2 = U.flatten(0, 1), V.flatten(0, 1)  # [E_g, d_out, r], [E_g, r, d_in]
         for e, lo, hi in _experts(plan, g):
-            h = x2[plan.tok[lo:hi]].to(acc) @ V2[e].to(acc).t()  # [c, r]
-            z[lo:hi] = (h @ U2[e].to(acc).t()) * plan.val[lo:hi].to(acc).unsqueeze(1)
+            h = x2.index_select(0, plan.tok[lo:hi]).to(acc) @ V2[e].to(acc).t()  # [c, r]
+            # the gate scales the [c, r] side, and the product lands in place: no [c, d] temps
+            h.mul_(plan.val[lo:hi].to(acc).unsqueeze(1))
+            torch.mm(h, U2[e].to(acc).t(), out=z[lo:hi])
     return _combine_torch(z, plan, K).view(L, N, d_out).to(x.dtype)
 
 
@@ -532,18 +534,19 @@ def molt_bwd_torch(grad_out, x, values, indices, Us, Vs, *, need_x, need_values,
         for e, lo, hi in _experts(plan, g):
             tok = plan.tok[lo:hi]
             v = plan.val[lo:hi].to(acc).unsqueeze(1)  # [c, 1]
-            xs, gs = x2[tok].to(acc), g2[tok].to(acc)
+            xs, gs = x2.index_select(0, tok).to(acc), g2.index_select(0, tok).to(acc)
             Ue, Ve = U2[e].to(acc), V2[e].to(acc)
             h = xs @ Ve.t()  # [c, r]
             gu = gs @ Ue  # [c, r]
             dots[lo:hi] = (gu * h).sum(dim=1)
-            gh = gu * v
+            gh = gu.mul_(v)
+            # v scales the [c, r] factors, never a [c, d] one
             if need_U:
-                gU[e] = ((gs * v).t() @ h).to(U.dtype)
+                gU[e] = (gs.t() @ h.mul_(v)).to(U.dtype)
             if need_V:
                 gV[e] = (gh.t() @ xs).to(V.dtype)
             if need_x:
-                gx_pairs[lo:hi] = gh @ Ve
+                torch.mm(gh, Ve, out=gx_pairs[lo:hi])
         grad_Us.append(None if gU is None else gU.view_as(U))
         grad_Vs.append(None if gV is None else gV.view_as(V))
     grad_values = None
