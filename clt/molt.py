@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import kernels
+from kernels import DecoderLayout
 
 from .model import NONLINEARITIES, Codes, CrossLayerTranscoder
 from .standardize import Standardizer
@@ -90,6 +91,9 @@ class MixtureOfLinearTransforms(nn.Module):
             raise ValueError(f"need n_layers, d_in, d_out >= 1, got {n_layers}, {d_in}, {d_out}")
         self.n_layers, self.d_in, self.d_out, self.n_features = n_layers, d_in, d_out, n_features
         self.rank_groups = groups
+        # per layer, like a PLT: what code written for reach (AuxK's reached layers, checkpoint
+        # manifests) reads; there is no W_dec row table behind it
+        self.layout = DecoderLayout(n_layers, n_features, reach=1)
         self.nonlinearity, self.k = nonlinearity, k
         self.batchtopk_scope, self.threshold_ema_decay = batchtopk_scope, threshold_ema_decay
         self.rank_by_decoder_norm = rank_by_decoder_norm
@@ -119,6 +123,10 @@ class MixtureOfLinearTransforms(nn.Module):
         )
         self.standardizer = Standardizer(n_layers, d_in, d_out).to(device)
         self.reset_parameters()
+
+    @property
+    def reach(self) -> int:
+        return 1
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

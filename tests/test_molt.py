@@ -17,7 +17,7 @@ import torch
 from _testing import assert_close
 
 import kernels
-from clt.losses import tanh_penalty
+from clt.losses import auxk_fit, tanh_penalty
 from clt.model import Codes
 from clt.molt import MixtureOfLinearTransforms, molt_groups
 from kernels import molt as molt_mod
@@ -421,6 +421,21 @@ def test_per_layer_encode_decode_matches_forward():
         assert_close(got, yhat[layer : layer + 1])
     with pytest.raises(ValueError, match="layer must be in"):
         model.decode(x[:1], codes, layer=L_)
+
+
+def test_auxk_through_the_loss_helper():
+    """``auxk_fit`` (written for reach) takes the MOLT's per-layer decode as it is."""
+    model = make_model("topk")
+    dead = torch.zeros(L_, model.n_features, dtype=torch.bool)
+    dead[1, [0, 6]] = True  # dead transforms in layer 1 only
+    x, y = torch.randn(L_, N_, D_IN, dtype=F64), torch.randn(L_, N_, D_OUT, dtype=F64)
+    yhat, _ = model(x)
+    e_aux = model.decode(x, model.auxk_codes(x, dead, k_aux=2), bias=False)
+    loss = auxk_fit(model, dead, y, yhat, e_aux)
+    e = (y - yhat).detach()
+    ratio = (e - e_aux).pow(2).sum(dim=(1, 2)) / (e - e.mean(1, keepdim=True)).pow(2).sum((1, 2))
+    var_y = (y - y.mean(1, keepdim=True)).pow(2).sum((1, 2)) / N_
+    assert_close(loss, ratio[1] * var_y[1], name="AuxK (layer 1 only)")
 
 
 def test_auxk_codes_decode_without_bias():
