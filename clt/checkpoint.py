@@ -44,6 +44,7 @@ SHARDED_FORMAT = "clt-sharded-checkpoint/1"
 # be resumed under a config that agrees on all of them.
 SHAPE_FIELDS = (
     ("model", "n_features"), ("model", "reach"), ("model", "layers"), ("model", "skip"),
+    ("model", "architecture"), ("model", "molt_rank_groups"),
     ("nonlinearity", "kind"), ("nonlinearity", "batchtopk_scope"),
     ("data", "source"), ("data", "synthetic"),
     ("data", "lm", "name"), ("data", "lm", "input_hook"), ("data", "lm", "output_hook"),

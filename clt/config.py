@@ -105,6 +105,16 @@ class ModelConfig(_Section):
         description="LM layers the transcoder reads and writes, sorted and unique. "
         "null = all layers of the LM.",
     )
+    architecture: Literal["transcoder", "molt"] = Field(
+        "transcoder", description="'transcoder': features with decoder rows (CLT, PLT, SAE by "
+        "reach and hooks); 'molt': a sparse mixture of low-rank linear transforms per layer "
+        "(the nonlinearity gates the transforms; n_features = number of transforms)."
+    )
+    molt_rank_groups: list[Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]] \
+            | None = Field(
+        None, description="MOLT transforms as [[rank, count], ...], e.g. [[64, 16], [32, 32], "
+        "[16, 64], [8, 128]]; the counts must sum to n_features. Only with architecture 'molt'."
+    )
     skip: bool = Field(
         False, description="Add a linear skip connection W_skip [L, d_in, d_out] (zero at init) "
         "from each layer's input to its output."
@@ -413,7 +423,9 @@ class Config(_Section):
 
     @property
     def resolved_reach(self) -> int | None:
-        """R: model.reach, or L for a CLT; None when L is unknown."""
+        """R: model.reach, or L for a CLT (1 for a MOLT); None when L is unknown."""
+        if self.model.architecture == "molt":
+            return 1
         return self.model.reach if self.model.reach is not None else self.n_layers
 
     @property
@@ -432,6 +444,7 @@ class Config(_Section):
         _fail_if(
             self._feature_problems()
             + self._matryoshka_problems()
+            + self._molt_problems()
             + self._layer_problems()
             + self._batch_problems()
             + self._schedule_problems()
@@ -468,6 +481,28 @@ class Config(_Section):
             problems.append(("loss.matryoshka_weights", f"needs one weight per prefix "
                              f"({len(fractions)}), got {len(weights)}"))
         return problems
+
+    def _molt_problems(self) -> list[tuple[str, str]]:
+        m = self.model
+        if m.architecture != "molt":
+            return [("model.molt_rank_groups", "needs model.architecture = 'molt'")] \
+                if m.molt_rank_groups is not None else []
+        if m.molt_rank_groups is None:
+            return [("model.molt_rank_groups", "required for architecture 'molt'")]
+        problems = []
+        total = sum(count for _, count in m.molt_rank_groups)
+        if total != m.n_features:
+            problems.append(("model.n_features", f"must equal the number of MOLT transforms, "
+                             f"{total} (the counts of model.molt_rank_groups) "
+                             f"(got {m.n_features})"))
+        unsupported = [("model.reach", m.reach not in (None, 1),
+                        "a MOLT is per layer: 1 or null"),
+                       ("model.skip", m.skip, "not available for a MOLT"),
+                       ("model.matryoshka_prefixes", m.matryoshka_prefixes is not None,
+                        "not available for a MOLT"),
+                       ("parallel", self.parallel.data * self.parallel.tensor > 1,
+                        "a MOLT trains in one process (tensor and data must be 1)")]
+        return problems + [(path, msg) for path, bad, msg in unsupported if bad]
 
     def _layer_problems(self) -> list[tuple[str, str]]:
         problems = []

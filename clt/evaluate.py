@@ -346,7 +346,7 @@ def evaluate_run(
     ``step``, ``tokens`` (non-BOS tokens used), ``fvu`` (list per layer), ``fvu_total``, ``l0``
     (list per layer) and one dict of :func:`replacement_metrics` per mode under its name; the
     ``"open"`` dict also holds the graph scores (module docstring) unless there are no graph
-    prompts, the transcoder does not write ``hook_mlp_out`` or it has a skip connection.
+    prompts, the transcoder does not write ``hook_mlp_out``, has a skip connection or is a MOLT.
     ``graph_prompts`` and ``graph_prompt_tokens`` default to the run's ``eval`` config.
     """
     from .attribution import attribution_scores
@@ -399,7 +399,10 @@ def evaluate_run(
                                            batch_size=lm_cfg.lm_batch_size)
     # the graph's linearization has no edge for a skip connection's linear input -> output path
     # yet: skip transcoders get no graph scores rather than scores that count it as error
-    graphable = lm_cfg.output_hook == "hook_mlp_out" and model.W_skip is None
+    from .model import CrossLayerTranscoder
+
+    graphable = (lm_cfg.output_hook == "hook_mlp_out" and isinstance(model, CrossLayerTranscoder)
+                 and model.W_skip is None)
     if "open" in modes and len(prompts) and graphable:
         result["open"].update(attribution_scores(lm, model, prompts, layers, lm_cfg.input_hook,
                                                  lm_cfg.output_hook, cfg.eval.graph_batch))

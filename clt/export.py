@@ -61,6 +61,9 @@ def _check_exportable(
 ) -> list[int]:
     """Raise ExportError unless ``model`` has a circuit-tracer format; returns the layers.
     ``converted``: check as if a TopK-family model were already converted to JumpReLU."""
+    if not isinstance(model, CrossLayerTranscoder):
+        raise ExportError(f"circuit-tracer has no format for a {type(model).__name__} (MOLT): "
+                          "its transforms are not feature decoder rows")
     L = model.n_layers
     if model.nonlinearity in ("topk", "batchtopk") and not converted:
         raise ExportError(

@@ -13,6 +13,7 @@ import torch
 import kernels
 
 from .model import Codes, CrossLayerTranscoder
+from .molt import MixtureOfLinearTransforms
 from .parallel import Mesh
 
 # Cap on AuxK's k when the config leaves it unset (Gao et al. use 512).
@@ -113,7 +114,11 @@ def auxk_loss(
     codes = model.auxk_codes(x, dead, weights.auxk_k or DEFAULT_AUXK_K)  # k <= dead count
     if codes is None:
         return None
-    return auxk_fit(model, dead, y, yhat, model.decode(codes, bias=False), mesh)
+    if isinstance(model, MixtureOfLinearTransforms):  # its transforms act on the input
+        e_aux = model.decode(x, codes, bias=False)
+    else:
+        e_aux = model.decode(codes, bias=False)
+    return auxk_fit(model, dead, y, yhat, e_aux, mesh)
 
 
 def auxk_fit(
@@ -165,7 +170,7 @@ def compute_losses(
     ``mesh``: with a feature-sharded model the terms summed over features are summed over the
     tensor-parallel ranks, so every rank holds the same total (see ``clt.parallel``)."""
     mesh = mesh or Mesh.single()
-    if model.prefix_bounds is None:
+    if getattr(model, "prefix_bounds", None) is None:  # a MOLT has no prefixes
         yhat, codes = model(x)
         terms = {"mse": reconstruction_loss(y, yhat)}
     else:

@@ -19,6 +19,7 @@ import torch
 
 from .losses import LossOutput, LossWeights, compute_losses, total_variance
 from .model import CrossLayerTranscoder
+from .molt import MixtureOfLinearTransforms
 from .parallel import GradSync, Mesh, ShardedCLT, clip_grad_norm
 
 if TYPE_CHECKING:  # pydantic stays off the import path of the step itself (GPU bench machines)
@@ -42,32 +43,27 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(
     cfg: Config, d_in: int, d_out: int, device: torch.device, mesh: Mesh | None = None
-) -> CrossLayerTranscoder:
-    """The transcoder of a config; in a multi-process ``mesh``, this rank's feature shard (all
-    features without tensor parallelism: BatchTopK still selects over every replica's tokens)."""
+) -> CrossLayerTranscoder | MixtureOfLinearTransforms:
+    """The transcoder (or MOLT) of a config; in a multi-process ``mesh``, this rank's feature
+    shard (all features without tensor parallelism: BatchTopK still selects over every
+    replica's tokens)."""
     n_layers = cfg.n_layers
     if n_layers is None:
         raise ValueError("the number of trained layers is unknown: set model.layers")
     nl = cfg.nonlinearity
+    gate = {"nonlinearity": nl.kind, "k": nl.k, "batchtopk_scope": nl.batchtopk_scope,
+            "threshold_ema_decay": nl.threshold_ema_decay,
+            "rank_by_decoder_norm": nl.rank_by_decoder_norm,
+            "jumprelu_init_threshold": nl.jumprelu_init_threshold,
+            "jumprelu_bandwidth": nl.jumprelu_bandwidth, "device": device}
+    if cfg.model.architecture == "molt":
+        return MixtureOfLinearTransforms(n_layers, d_in, d_out, cfg.model.molt_rank_groups,
+                                         **gate)
     sharded = mesh is not None and mesh.world_size > 1
     cls = partial(ShardedCLT, mesh) if sharded else CrossLayerTranscoder
-    return cls(
-        n_layers=n_layers,
-        d_in=d_in,
-        d_out=d_out,
-        n_features=cfg.model.n_features,
-        reach=cfg.model.reach,
-        nonlinearity=nl.kind,
-        k=nl.k,
-        batchtopk_scope=nl.batchtopk_scope,
-        threshold_ema_decay=nl.threshold_ema_decay,
-        rank_by_decoder_norm=nl.rank_by_decoder_norm,
-        jumprelu_init_threshold=nl.jumprelu_init_threshold,
-        jumprelu_bandwidth=nl.jumprelu_bandwidth,
-        skip=cfg.model.skip,
-        prefix_bounds=cfg.prefix_bounds,
-        device=device,
-    )
+    return cls(n_layers=n_layers, d_in=d_in, d_out=d_out, n_features=cfg.model.n_features,
+               reach=cfg.model.reach, skip=cfg.model.skip, prefix_bounds=cfg.prefix_bounds,
+               **gate)
 
 
 def loss_weights(cfg: Config) -> LossWeights:

@@ -1,5 +1,6 @@
-"""Matryoshka CLTs and skip connections: float64 references for the prefix losses and every
-gradient, exact folding and export of skip transcoders, and tiny end-to-end runs."""
+"""Matryoshka CLTs, skip connections and MOLTs through the trainer: float64 references for the
+prefix losses and every gradient, exact folding and export of skip transcoders, tiny end-to-end
+runs with evaluation (the MOLT op and model have their own tests in test_molt.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from _testing import (
 )
 
 import train
-from clt.export import ExportError, export_circuit_tracer, load_exported
-from clt.losses import LossWeights, compute_losses, reconstruction_loss
+from clt.evaluate import evaluate_run
+from clt.export import ExportError, export_circuit_tracer, export_run, load_exported
+from clt.losses import LossWeights, auxk_fit, compute_losses, reconstruction_loss
 from clt.model import Codes, CrossLayerTranscoder, codes_in_range
+from clt.molt import MixtureOfLinearTransforms
 from clt.trainer import load_run
 
 L, D_IN, D_OUT, F, N = 3, 6, 5, 16, 9
@@ -146,3 +149,48 @@ def test_matryoshka_skip_clt_trains_end_to_end(tmp_path, kind, monkeypatch):
     cfg, model, step = load_run(run_dir)
     assert step == 8 and model.prefix_bounds == (4, 8, 16, 32)
     assert model.W_skip is not None and torch.count_nonzero(model.W_skip) > 0  # it trained
+
+
+MOLT_MODEL = {"architecture": "molt", "n_features": 12, "reach": 1,
+              "molt_rank_groups": [[4, 4], [2, 8]]}
+
+
+@pytest.mark.parametrize("kind", ["topk", "jumprelu"])
+def test_molt_trains_end_to_end_and_has_no_export_format(tmp_path, kind, monkeypatch):
+    monkeypatch.setenv("CLT_FORCE_TORCH", "1")
+    loss = {"sparsity_coef": 0.1} if kind == "jumprelu" else {"dead_tokens": 32}
+    config, run_dir = write_run_config(tmp_path, kind, model=MOLT_MODEL, loss=loss)
+    train.main([str(config)])
+    cfg, model, step = load_run(run_dir)
+    assert isinstance(model, MixtureOfLinearTransforms) and step == 8
+    assert [tuple(g) for g in model.rank_groups] == [(4, 4), (2, 8)]
+    with pytest.raises(ExportError, match="no format for a MixtureOfLinearTransforms"):
+        export_run(run_dir, tmp_path / "out", n_tokens=64, log=lambda *_: None)
+
+
+def test_molt_auxk_decodes_the_dead_transforms_of_the_input():
+    model = MixtureOfLinearTransforms(L, D_IN, D_OUT, [(3, 4), (2, 8)], k=3, dtype=torch.float64)
+    with torch.no_grad():
+        model.tokens_since_fired[:, [0, 5, 11]] = 1000
+    x, y = data()
+    weights = LossWeights(auxk_alpha=0.5, auxk_k=2, dead_tokens=100)
+    out = compute_losses(model, x, y, weights, step=0)
+    dead = model.dead_mask(100)
+    e_aux = model.decode(x, model.auxk_codes(x, dead, 2), bias=False)
+    expected = 0.5 * auxk_fit(model, dead, y, out.yhat, e_aux)
+    torch.testing.assert_close(out.terms["auxk"], expected, atol=1e-12, rtol=1e-12)
+    out.total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_molt_lm_run_gets_replacement_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLT_FORCE_TORCH", "1")
+    config, run_dir = write_run_config(tmp_path, "topk", source="lm", model=MOLT_MODEL,
+                                       train={"steps": 4}, eval={"every": 4, "tokens": 64,
+                                                                 "replacement_tokens": 0})
+    train.main([str(config)])
+    result = evaluate_run(run_dir, 64, torch.device("cpu"))
+    for mode in ("open", "closed"):
+        assert 0 < result[mode]["ce_repl"] < 20
+        assert "replacement_score" not in result[mode]  # no attribution graph for a MOLT
+    assert len(result["fvu"]) == 2
