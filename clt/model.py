@@ -49,6 +49,43 @@ class Codes:
         return (self.values.detach() > 0).sum(dim=-1).float().mean(dim=1)
 
 
+def init_encoder(
+    module: nn.Module, n_layers: int, d_in: int, d_out: int, n_features: int,
+    nonlinearity: str, k: int | None, batchtopk_scope: str, threshold_ema_decay: float,
+    rank_by_decoder_norm: bool, jumprelu_bandwidth: float, factory: dict,
+) -> None:
+    """Validate and set the sparse encoder's settings and ``W_enc [L, d_in, F]``, ``b_enc [L, F]``
+    (shared by the transcoder and the MOLT gate; registration order is the checkpoints')."""
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
+    if nonlinearity in ("topk", "batchtopk") and not (k and 1 <= k <= n_features):
+        raise ValueError(f"{nonlinearity} needs 1 <= k <= n_features={n_features}, got {k}")
+    module.n_layers, module.d_in, module.d_out, module.n_features = n_layers, d_in, d_out, \
+        n_features
+    module.nonlinearity, module.k = nonlinearity, k
+    module.batchtopk_scope, module.threshold_ema_decay = batchtopk_scope, threshold_ema_decay
+    module.rank_by_decoder_norm = rank_by_decoder_norm
+    module.jumprelu_bandwidth = jumprelu_bandwidth
+    module.W_enc = nn.Parameter(torch.empty(n_layers, d_in, n_features, **factory))
+    module.b_enc = nn.Parameter(torch.zeros(n_layers, n_features, **factory))
+
+
+def init_gate_state(module: nn.Module, jumprelu_init_threshold: float, device) -> None:
+    """JumpReLU's float32 ``log_threshold [L, F]``, the BatchTopK inference ``threshold``, the
+    ``tokens_since_fired`` counters and the standardizer of an encoder set by ``init_encoder``."""
+    L, F = module.n_layers, module.n_features
+    if module.nonlinearity == "jumprelu":
+        init = math.log(jumprelu_init_threshold)
+        module.log_threshold = nn.Parameter(
+            torch.full((L, F), init, dtype=torch.float32, device=device))
+    n_thresholds = L if module.batchtopk_scope == "layer" else 1
+    module.register_buffer("threshold", torch.zeros(n_thresholds, device=device))
+    module.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.int64))
+    module.register_buffer("tokens_since_fired",
+                           torch.zeros(L, F, dtype=torch.int64, device=device))
+    module.standardizer = Standardizer(L, module.d_in, module.d_out).to(device)
+
+
 def codes_in_range(codes: Codes, lo: int, hi: int) -> Codes:
     """The slots of ``codes`` whose feature lies in ``[lo, hi)``, packed to the front of each row
     (``K`` cut to the largest count; other slots become padding), differentiable in the values."""
@@ -99,37 +136,15 @@ class CrossLayerTranscoder(nn.Module):
         if bounds and (bounds != sorted(set(bounds)) or bounds[0] < 1
                        or bounds[-1] != self._features_total(n_features)):
             raise ValueError(f"prefix_bounds must increase from >= 1 to n_features, got {bounds}")
-        if nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
-        if nonlinearity in ("topk", "batchtopk") and not (k and 1 <= k <= n_features):
-            raise ValueError(f"{nonlinearity} needs 1 <= k <= n_features={n_features}, got {k}")
         self.layout = DecoderLayout(n_layers, n_features, reach or n_layers)
-        self.n_layers, self.d_in, self.d_out, self.n_features = n_layers, d_in, d_out, n_features
-        self.nonlinearity, self.k = nonlinearity, k
-        self.batchtopk_scope, self.threshold_ema_decay = batchtopk_scope, threshold_ema_decay
-        self.rank_by_decoder_norm = rank_by_decoder_norm
-        self.jumprelu_bandwidth = jumprelu_bandwidth
-
         factory = {"dtype": dtype, "device": device}
-        self.W_enc = nn.Parameter(torch.empty(n_layers, d_in, n_features, **factory))
-        self.b_enc = nn.Parameter(torch.zeros(n_layers, n_features, **factory))
+        init_encoder(self, n_layers, d_in, d_out, n_features, nonlinearity, k, batchtopk_scope,
+                     threshold_ema_decay, rank_by_decoder_norm, jumprelu_bandwidth, factory)
         self.W_dec = nn.Parameter(torch.empty(self.layout.n_rows, d_out, **factory))
         self.b_dec = nn.Parameter(torch.zeros(n_layers, d_out, **factory))
         self.W_skip = nn.Parameter(torch.zeros(n_layers, d_in, d_out, **factory)) if skip else None
         self.prefix_bounds = tuple(bounds) or None
-        if nonlinearity == "jumprelu":
-            init = math.log(jumprelu_init_threshold)
-            self.log_threshold = nn.Parameter(
-                torch.full((n_layers, n_features), init, dtype=torch.float32, device=device)
-            )
-        n_thresholds = n_layers if batchtopk_scope == "layer" else 1
-        self.register_buffer("threshold", torch.zeros(n_thresholds, device=device))
-        self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.int64))
-        self.register_buffer(
-            "tokens_since_fired", torch.zeros(n_layers, n_features, dtype=torch.int64,
-                                              device=device)
-        )
-        self.standardizer = Standardizer(n_layers, d_in, d_out).to(device)
+        init_gate_state(self, jumprelu_init_threshold, device)
         self.reset_parameters()
 
     @property

@@ -23,8 +23,7 @@ from torch import nn
 import kernels
 from kernels import DecoderLayout
 
-from .model import NONLINEARITIES, Codes, CrossLayerTranscoder
-from .standardize import Standardizer
+from .model import Codes, CrossLayerTranscoder, init_encoder, init_gate_state
 
 DEFAULT_RANKS = (512, 256, 128, 64, 32)
 
@@ -83,25 +82,15 @@ class MixtureOfLinearTransforms(nn.Module):
             raise ValueError(f"rank_groups must be non-empty [(rank, count), ...] with positive "
                              f"entries, got {rank_groups}")
         n_features = sum(c for _, c in groups)
-        if nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
-        if nonlinearity in ("topk", "batchtopk") and not (k and 1 <= k <= n_features):
-            raise ValueError(f"{nonlinearity} needs 1 <= k <= n_transforms={n_features}, got {k}")
         if n_layers < 1 or d_in < 1 or d_out < 1:
             raise ValueError(f"need n_layers, d_in, d_out >= 1, got {n_layers}, {d_in}, {d_out}")
-        self.n_layers, self.d_in, self.d_out, self.n_features = n_layers, d_in, d_out, n_features
         self.rank_groups = groups
         # per layer, like a PLT: what code written for reach (AuxK's reached layers, checkpoint
         # manifests) reads; there is no W_dec row table behind it
         self.layout = DecoderLayout(n_layers, n_features, reach=1)
-        self.nonlinearity, self.k = nonlinearity, k
-        self.batchtopk_scope, self.threshold_ema_decay = batchtopk_scope, threshold_ema_decay
-        self.rank_by_decoder_norm = rank_by_decoder_norm
-        self.jumprelu_bandwidth = jumprelu_bandwidth
-
         factory = {"dtype": dtype, "device": device}
-        self.W_enc = nn.Parameter(torch.empty(n_layers, d_in, n_features, **factory))
-        self.b_enc = nn.Parameter(torch.zeros(n_layers, n_features, **factory))
+        init_encoder(self, n_layers, d_in, d_out, n_features, nonlinearity, k, batchtopk_scope,
+                     threshold_ema_decay, rank_by_decoder_norm, jumprelu_bandwidth, factory)
         self.U = nn.ParameterList(
             [nn.Parameter(torch.empty(n_layers, c, d_out, r, **factory)) for r, c in groups]
         )
@@ -109,19 +98,7 @@ class MixtureOfLinearTransforms(nn.Module):
             [nn.Parameter(torch.empty(n_layers, c, r, d_in, **factory)) for r, c in groups]
         )
         self.b_dec = nn.Parameter(torch.zeros(n_layers, d_out, **factory))
-        if nonlinearity == "jumprelu":
-            init = math.log(jumprelu_init_threshold)
-            self.log_threshold = nn.Parameter(
-                torch.full((n_layers, n_features), init, dtype=torch.float32, device=device)
-            )
-        n_thresholds = n_layers if batchtopk_scope == "layer" else 1
-        self.register_buffer("threshold", torch.zeros(n_thresholds, device=device))
-        self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.int64))
-        self.register_buffer(
-            "tokens_since_fired", torch.zeros(n_layers, n_features, dtype=torch.int64,
-                                              device=device)
-        )
-        self.standardizer = Standardizer(n_layers, d_in, d_out).to(device)
+        init_gate_state(self, jumprelu_init_threshold, device)
         self.reset_parameters()
 
     @property

@@ -481,7 +481,7 @@ def test_model_bad_arguments_raise():
         MixtureOfLinearTransforms(1, 4, 4, [], k=1)
     with pytest.raises(ValueError, match="rank_groups"):
         MixtureOfLinearTransforms(1, 4, 4, [(0, 2)], k=1)
-    with pytest.raises(ValueError, match="1 <= k <= n_transforms=2"):
+    with pytest.raises(ValueError, match="1 <= k <= n_features=2"):
         MixtureOfLinearTransforms(1, 4, 4, [(2, 2)], k=3)
     with pytest.raises(ValueError, match="nonlinearity"):
         MixtureOfLinearTransforms(1, 4, 4, [(2, 2)], nonlinearity="gelu")
