@@ -425,17 +425,21 @@ def _dense_codes(v: torch.Tensor, pos: torch.Tensor, N: int, n_cols: int) -> tor
 
 
 def _per_sample_dots(G_s: torch.Tensor, W_s: torch.Tensor, idx: torch.Tensor, K: int):
-    """``[N * K]`` dot products ``<G_s[n], W_s[idx[n * K + j]]>``: the sampled product
-    ``G_s @ W_s^T`` at the slots (a CSR pattern with K entries per row; repeats allowed)."""
-    N = G_s.shape[0]
-    crow = torch.arange(0, N * K + 1, K, device=idx.device)
+    """``[N * K]`` dot products ``<G_s[n], W_s[idx[n * K + j]]>``, grouped by feature: the sampled
+    product ``W_s @ G_s^T`` at a CSR pattern whose rows are the features and whose entries are the
+    tokens of their slots (sorted), so each row of ``W_s`` is read once and the ``G_s`` rows come
+    from cache (15-20% faster than token-major rows at L=12, F=4096, d=768, N=1024)."""
+    N, F = G_s.shape[0], W_s.shape[0]
+    feature, order = torch.sort(idx, stable=True)
+    counts = torch.bincount(feature, minlength=F)
+    crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     dtype = torch.promote_types(G_s.dtype, torch.float32)  # no bf16 sampled_addmm on CPU
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, idx, idx.new_zeros(idx.shape, dtype=dtype),
-                                          (N, W_s.shape[0]))
-    dots = torch.sparse.sampled_addmm(pattern, G_s.to(dtype), W_s.to(dtype).t(), beta=0.0)
-    return dots.values()
+        pattern = torch.sparse_csr_tensor(crow, order // K, idx.new_zeros(idx.shape, dtype=dtype),
+                                          (F, N))
+    dots = torch.sparse.sampled_addmm(pattern, W_s.to(dtype), G_s.to(dtype).t(), beta=0.0)
+    return torch.empty_like(dots.values()).index_copy_(0, order, dots.values())
 
 
 def sparse_decode_fwd_torch(
@@ -518,15 +522,14 @@ def sparse_decode_bwd_torch(
             grad_values[s] = _per_sample_dots(G_s, W_s, idx, K).view(N, K).to(values.dtype)
     if not need_W:
         return grad_values, None
-    empty = indices.new_empty(0, dtype=torch.int64)
-    rows = torch.cat(rows) if rows else empty
-    rows, order = torch.sort(rows, stable=True)
-    counts = torch.bincount(rows, minlength=layout.n_rows)
-    starts = torch.cumsum(counts, 0) - counts
-    g_rows = (torch.cat(g_rows) if g_rows else empty)[order]
-    weights = (torch.cat(weights) if weights else W_dec.new_empty(0))[order]
-    grad_W = F_.embedding_bag(g_rows, grad_out.view(L * N, d_out), starts,
-                              per_sample_weights=weights, mode="sum")
+    if rows:
+        rows, order = torch.sort(torch.cat(rows), stable=True)
+        counts = torch.bincount(rows, minlength=layout.n_rows)
+        starts = torch.cumsum(counts, 0) - counts
+        grad_W = F_.embedding_bag(torch.cat(g_rows)[order], grad_out.view(L * N, d_out), starts,
+                                  per_sample_weights=torch.cat(weights)[order], mode="sum")
+    else:  # only dense sources (AuxK): a memset is 2x faster than 319488 empty bags
+        grad_W = torch.zeros_like(W_dec)
     for s, cols, A, G_s in dense_sources:
         layout.source_view(grad_W, s).flatten(1).index_copy_(0, cols, A.t() @ G_s)
     return grad_values, grad_W
