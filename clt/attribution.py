@@ -18,7 +18,9 @@ and the frozen norms. The transcoder's features sit on top: a feature at (layer,
 ``activation * W_dec`` (raw scale, every target layer of its reach) into the MLP outputs, and the
 MLP output it misses is the **error node** of that (layer, position): ``mlp_out - reconstruction``
 (the reconstruction includes ``b_dec``; an LM layer the transcoder does not cover has
-reconstruction 0, so its whole MLP output is its error node).
+reconstruction 0, so its whole MLP output is its error node). A skip connection ``x @ W_skip``
+(raw scale) is part of the reconstruction and stays a linear path of the model, from the layer's
+input hook to its MLP output, at every position (BOS included), as in circuit-tracer.
 
 **Nodes**, in this order (circuit-tracer's ``Graph`` layout): active features sorted by (LM layer,
 position, feature index); error nodes ``layer * T + position`` for every LM layer; one
@@ -230,6 +232,17 @@ class _Features:
 
 
 @torch.no_grad()
+def _raw_skip(clt, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """``[L, d_in, d_out]`` skip connection on raw activations (its linear part, as the fold
+    computes it: ``W_skip / std_in * std_out``), or None without one."""
+    if getattr(clt, "W_skip", None) is None:
+        return None
+    st = clt.standardizer
+    W = clt.W_skip.detach().to(device, torch.float64)
+    return (W / st.in_std.to(device).unsqueeze(-1) * st.out_std.to(device).unsqueeze(1)).to(dtype)
+
+
+@torch.no_grad()
 def _active_features(clt, x: torch.Tensor, layers: Sequence[int], dtype: torch.dtype
                      ) -> tuple[_Features, torch.Tensor]:
     """Encode raw inputs ``x [L, N, d_in]`` (non-BOS positions); returns the active features and
@@ -237,8 +250,8 @@ def _active_features(clt, x: torch.Tensor, layers: Sequence[int], dtype: torch.d
 
     st = clt.standardizer
     weight = clt.W_enc
-    codes = clt.encode(st.inputs(x.to(weight.device, weight.dtype)))
-    recon = st.restore_targets(clt.decode(codes)).to(x.device, dtype)
+    yhat, codes = clt(st.inputs(x.to(weight.device, weight.dtype)))  # skip term included
+    recon = st.restore_targets(yhat).to(x.device, dtype)
     values = codes.values.to(x.device, dtype)
     indices = codes.indices.to(x.device).long()
     L, N, K = values.shape
@@ -278,15 +291,21 @@ class _SkippedMLP(torch.nn.Module):
 class _Linearized:
     """The linearized forward of ``copies`` copies of the prompt: frozen patterns and norm
     scales, MLP outputs (the clean run's values) and token embeddings as leaves whose gradients
-    are the Jacobian rows, input hooks captured.
+    are the Jacobian rows, input hooks captured. A transcoder's skip connection stays a linear
+    path from a trained layer's input hook to its MLP output (value unchanged, circuit-tracer's
+    ``skip + (out - skip).detach()``).
 
     The blocks' MLPs are swapped for :class:`_SkippedMLP` while it runs (they are most of a
     block's work and their outputs are constants here); the forward stops after ``depth``
     blocks.
     """
 
-    def __init__(self, lm, in_names: list[str], mlp_out: torch.Tensor) -> None:
+    def __init__(self, lm, in_names: list[str], layers: list[int], mlp_out: torch.Tensor,
+                 skip: torch.Tensor | None) -> None:
         self.lm, self.mlp_out = lm, mlp_out  # [n_layers, T, d_model] clean MLP outputs
+        # LM layer -> (input hook name, raw W_skip [d_in, d_out]) of the trained layers
+        self.skips = {} if skip is None else {layer: (in_names[i], skip[i])
+                                              for i, layer in enumerate(layers)}
         self.embed: torch.Tensor | None = None
         self.outputs: list[torch.Tensor | None] = [None] * lm.cfg.n_layers
         self.inputs: dict[str, torch.Tensor] = {}
@@ -331,7 +350,11 @@ class _Linearized:
         def hook_fn(value: torch.Tensor, hook) -> torch.Tensor:
             leaf = self.mlp_out[layer].expand_as(value).clone()
             self.outputs[layer] = leaf.requires_grad_(True)
-            return leaf
+            if layer not in self.skips:
+                return leaf
+            name, W_skip = self.skips[layer]
+            skip = self.inputs[name] @ W_skip  # the input hook fired earlier in this block
+            return leaf + (skip - skip.detach())
 
         return hook_fn
 
@@ -420,7 +443,7 @@ def attribute(
     _check_graph_size(n_f, n_logits, n_nodes, torch.finfo(dtype).bits // 8, max_edge_bytes)
     edges = torch.zeros(n_f + n_logits, n_nodes, dtype=dtype)
 
-    lin = _Linearized(lm, in_names, clean_out)
+    lin = _Linearized(lm, in_names, layers, clean_out, _raw_skip(clt, dtype, tokens.device))
 
     def rows(read: torch.Tensor, depth: int) -> torch.Tensor:
         """Edge rows of the targets whose reads sum to ``read``; sources below ``depth``."""

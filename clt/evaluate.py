@@ -35,7 +35,7 @@ in the ``"open"`` dict: the attribution graph reads the features from the origin
 activations, as the open loop does): circuit-tracer's replacement and completeness scores of the
 unpruned attribution graphs of the first ``eval.graph_prompts`` held-out sequences, cut to
 ``eval.graph_prompt_tokens`` tokens (BOS first), averaged over prompts; definitions in
-:mod:`clt.attribution`. Only for transcoders that write ``hook_mlp_out``.
+:mod:`clt.attribution`. Only for transcoders that write ``hook_mlp_out`` (not SAEs, not MOLTs).
 """
 
 from __future__ import annotations
@@ -346,7 +346,7 @@ def evaluate_run(
     ``step``, ``tokens`` (non-BOS tokens used), ``fvu`` (list per layer), ``fvu_total``, ``l0``
     (list per layer) and one dict of :func:`replacement_metrics` per mode under its name; the
     ``"open"`` dict also holds the graph scores (module docstring) unless there are no graph
-    prompts, the transcoder does not write ``hook_mlp_out``, has a skip connection or is a MOLT.
+    prompts, the transcoder does not write ``hook_mlp_out`` or is a MOLT.
     ``graph_prompts`` and ``graph_prompt_tokens`` default to the run's ``eval`` config.
     """
     from .attribution import attribution_scores
@@ -397,12 +397,11 @@ def evaluate_run(
         result[mode] = replacement_metrics(lm, model, tokens, layers, lm_cfg.input_hook,
                                            lm_cfg.output_hook, mode,
                                            batch_size=lm_cfg.lm_batch_size)
-    # the graph's linearization has no edge for a skip connection's linear input -> output path
-    # yet: skip transcoders get no graph scores rather than scores that count it as error
+    # graphs need features that write the MLP outputs (not an SAE) and a transcoder's own
+    # encoder/decoder (not a MOLT); a skip connection is a linear path of the graph's model
     from .model import CrossLayerTranscoder
 
-    graphable = (lm_cfg.output_hook == "hook_mlp_out" and isinstance(model, CrossLayerTranscoder)
-                 and model.W_skip is None)
+    graphable = lm_cfg.output_hook == "hook_mlp_out" and isinstance(model, CrossLayerTranscoder)
     if "open" in modes and len(prompts) and graphable:
         result["open"].update(attribution_scores(lm, model, prompts, layers, lm_cfg.input_hook,
                                                  lm_cfg.output_hook, cfg.eval.graph_batch))

@@ -26,6 +26,7 @@ from clt.model import CrossLayerTranscoder
 
 BOS = 256
 T = 8
+HOOKS = {"hook_mlp_in": "hook_resid_mid", "ln2.hook_normalized": "ln2.hook_normalized"}
 
 
 @pytest.fixture(autouse=True)
@@ -51,10 +52,13 @@ def prompt():
     return toks
 
 
-def _random_clt(n_layers, reach=None, k=3, seed=0):
+def _random_clt(n_layers, reach=None, k=3, seed=0, skip=False):
     torch.manual_seed(seed)
-    clt = CrossLayerTranscoder(n_layers, 32, 32, 12, reach=reach, nonlinearity="topk", k=k)
+    clt = CrossLayerTranscoder(n_layers, 32, 32, 12, reach=reach, nonlinearity="topk", k=k,
+                               skip=skip)
     with torch.no_grad():
+        if skip:
+            clt.W_skip.normal_(0, 0.2)
         st = clt.standardizer
         st.in_mean.normal_(0, 0.1), st.in_std.uniform_(0.5, 2)
         st.out_mean.normal_(0, 0.1), st.out_std.uniform_(0.5, 2)
@@ -79,8 +83,9 @@ def _linearized_reads(lm, tokens, clt, layers, input_hook, graph, cache, z_feat,
 
     Written from the weights: ``resid = z_tok * W_E[tok] + W_pos``; per block a frozen-LN
     attention ``sum_h pattern_h (ln1(resid) W_V + b_V) W_O + b_O``; MLP output = b_dec (raw) +
-    sum of ``z * a * W_dec`` of the feature nodes writing there + ``z_err * error``, the true
-    output at BOS and where no layer is trained; logits read the frozen ln_final at T-1.
+    sum of ``z * a * W_dec`` of the feature nodes writing there + ``z_err * error`` (+ the skip
+    connection ``x_in @ W_skip``, a linear path at every position as in circuit-tracer), the
+    true output at BOS and where no layer is trained; logits read the frozen ln_final at T-1.
     At all-ones coefficients this is the LM's own forward.
     """
     folded = clt.folded_copy()  # raw-scale weights through the model's own fold
@@ -99,6 +104,11 @@ def _linearized_reads(lm, tokens, clt, layers, input_hook, graph, cache, z_feat,
         block = folded.decoder_view(s).double()
         for r in range(block.shape[1]):
             recon[layers[s + r], pos] += acts[n] * block[f, r]
+    if folded.W_skip is not None:
+        for i, layer in enumerate(layers):
+            clean = cache[f"blocks.{layer}.{HOOKS[input_hook]}"] @ folded.W_skip[i].double()
+            recon[layer, 1:] += clean[1:]
+            constant[layer, 0] -= clean[0]  # the skip path is added back in the forward
     errors = mlp_out - recon
 
     def norm(x, name, ln):
@@ -123,6 +133,8 @@ def _linearized_reads(lm, tokens, clt, layers, input_hook, graph, cache, z_feat,
                 if fl == layer:
                     reads[n] = x_in[pos] @ folded.W_enc[s, :, f].double() + folded.b_enc[s, f]
         out = constant[layer] + z_err[layer][:, None] * errors[layer]
+        if layer in index and folded.W_skip is not None:
+            out = out + x_in @ folded.W_skip[index[layer]].double()
         for n, (fl, pos, f) in enumerate(feats):
             s = index[fl]
             r = layers.index(layer) - s if layer in index else -1
@@ -137,15 +149,18 @@ def _linearized_reads(lm, tokens, clt, layers, input_hook, graph, cache, z_feat,
     return torch.cat([reads, directions @ final]), logits
 
 
-@pytest.mark.parametrize("layers, reach, input_hook, n_lm", [
-    ([0, 1], None, "hook_mlp_in", 2),
-    ([0, 1], 1, "ln2.hook_normalized", 2),
-    ([1], None, "hook_mlp_in", 2),
-    ([0, 2], None, "hook_mlp_in", 3),
-], ids=["clt", "plt-ln2", "layer1-only", "layers0,2-of-3"])
-def test_edges_equal_jacobians_of_the_linearized_model(prompt, layers, reach, input_hook, n_lm):
+@pytest.mark.parametrize("layers, reach, input_hook, n_lm, skip", [
+    ([0, 1], None, "hook_mlp_in", 2, False),
+    ([0, 1], 1, "ln2.hook_normalized", 2, False),
+    ([1], None, "hook_mlp_in", 2, False),
+    ([0, 2], None, "hook_mlp_in", 3, False),
+    ([0, 1], 1, "hook_mlp_in", 2, True),
+    ([0, 1], None, "ln2.hook_normalized", 2, True),
+], ids=["clt", "plt-ln2", "layer1-only", "layers0,2-of-3", "skip-plt", "skip-clt-ln2"])
+def test_edges_equal_jacobians_of_the_linearized_model(prompt, layers, reach, input_hook, n_lm,
+                                                       skip):
     lm = _tiny(n_lm)
-    clt = _random_clt(len(layers), reach)
+    clt = _random_clt(len(layers), reach, skip=skip)
     graph = attribute(lm, clt, prompt, layers, input_hook=input_hook, batch_size=7)
     logits, cache = _frozen(lm, prompt)
     n_f = graph.n_features

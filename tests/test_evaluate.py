@@ -285,18 +285,24 @@ def test_evaluate_run_graph_scores_are_the_mean_over_held_out_prompts(runs):
     assert "replacement_score" not in none["open"]
 
 
-def test_evaluate_run_has_no_graph_scores_for_an_sae(tmp_path):
-    """An SAE's features write its input hook, not the MLP outputs: no attribution graph."""
+@pytest.mark.parametrize("name, model, output_hook, graph", [
+    ("sae", {"reach": 1}, "hook_mlp_in", False),
+    ("skip-plt", {"reach": 1, "skip": True}, "hook_mlp_out", True),
+])
+def test_evaluate_run_graph_scores_by_kind(tmp_path, name, model, output_hook, graph):
+    """An SAE's features write its input hook, not the MLP outputs: no attribution graph. A
+    skip connection is a linear path of the graph's model: scores."""
     from clt.evaluate import evaluate_run
 
     path, run_dir = write_run_config(
-        tmp_path, "topk", "lm", name="sae", model={"n_features": 32, "reach": 1},
-        data={"lm": {**TINY_LM, "producer_thread": False, "output_hook": "hook_mlp_in"}},
+        tmp_path, "topk", "lm", name=name, model={"n_features": 32, **model},
+        data={"lm": {**TINY_LM, "producer_thread": False, "output_hook": output_hook}},
         train={"steps": 2}, eval={"every": 2, "tokens": 64, "replacement_tokens": 0},
         checkpoint={"every": 2, "keep_last": 1})
     train.main([str(path)])
-    result = evaluate_run(run_dir, n_tokens=16, modes=("open",))
-    assert "ce_repl" in result["open"] and "replacement_score" not in result["open"]
+    result = evaluate_run(run_dir, n_tokens=16, modes=("open",), graph_prompts=2)
+    assert "ce_repl" in result["open"]
+    assert ("replacement_score" in result["open"]) == graph
 
 
 def test_cli_table_compare_and_errors(runs, tmp_path, capsys):
