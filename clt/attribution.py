@@ -246,7 +246,8 @@ def _raw_skip(clt, dtype: torch.dtype, device: torch.device) -> torch.Tensor | N
 def _active_features(clt, x: torch.Tensor, layers: Sequence[int], dtype: torch.dtype
                      ) -> tuple[_Features, torch.Tensor]:
     """Encode raw inputs ``x [L, N, d_in]`` (non-BOS positions); returns the active features and
-    the raw reconstruction ``[L, N, d_out]`` (``b_dec`` included) from the same codes."""
+    the raw reconstruction ``[L, N, d_out]`` (``b_dec`` and the skip term included) from the
+    same codes."""
 
     st = clt.standardizer
     weight = clt.W_enc
