@@ -80,3 +80,20 @@ def test_a_failing_rank_stops_every_rank(tmp_path, mode):
     assert time.monotonic() - start < 200
     if mode == "raise":
         assert "error: rank 1 of 2 failed: RuntimeError: injected failure" in done.stderr
+
+
+def test_tensor_parallel_resume_on_the_same_layout_is_exact(tmp_path):
+    train_cfg = {"steps": 8, "decay": "constant", "warmup_steps": 0}
+    whole, whole_dir = write_run_config(tmp_path, "batchtopk", name="whole",
+                                        parallel={"tensor": 2}, train=train_cfg)
+    part, part_dir = write_run_config(tmp_path, "batchtopk", name="part",
+                                      parallel={"tensor": 2}, train={**train_cfg, "steps": 4})
+    for args in (["train.py", str(whole)], ["train.py", str(part)],
+                 ["train.py", "--resume", str(part_dir), "--set", "train.steps=8"]):
+        done = torchrun(*args)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "from step 5" in done.stdout
+    a, b = (torch.load(latest_checkpoint(d) / "tp1.pt", weights_only=False)
+            for d in (whole_dir, part_dir))
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
