@@ -337,7 +337,7 @@ def _no_features(n_layers):
     return clt.eval()
 
 
-def test_transcoder_without_features_scores_zero(prompt):
+def test_transcoder_without_features_replacement_zero_completeness_half(prompt):
     graph = attribute(_separated_lm(), _no_features(2), prompt, [0, 1])
     assert graph.n_features == 0
     replacement, completeness = graph_scores(graph)
