@@ -27,7 +27,7 @@ import torch
 
 import kernels
 
-from .config import Config
+from .config import Config, ConfigError, validate_config
 from .parallel import (
     Mesh,
     local_states,
@@ -173,7 +173,14 @@ def _field(tree: dict, path: tuple[str, ...]):
 
 
 def check_compatible(saved: dict, cfg: Config, path: Path) -> None:
-    """Refuse a checkpoint whose config differs from ``cfg`` in a shape-defining field."""
+    """Refuse a checkpoint whose config differs from ``cfg`` in a shape-defining field.
+
+    The saved config is read through today's schema first, so a field added since it was
+    written compares as its default (an older checkpoint stays loadable)."""
+    try:
+        saved = validate_config(saved).model_dump(mode="json")
+    except ConfigError:
+        pass  # compare what is there: the differences below name the fields
     current = cfg.model_dump(mode="json")
     diffs = [
         f"{'.'.join(f)}: checkpoint has {_field(saved, f)!r}, config has {_field(current, f)!r}"

@@ -91,6 +91,20 @@ def test_resume_refuses_a_different_shape(tmp_path, capsys):
     assert exc.value.code == 2 and "nowhere/config.json" in capsys.readouterr().err
 
 
+def test_checkpoint_from_before_new_config_fields_still_resumes(tmp_path):
+    """A config saved before a field existed (here model.skip and model.architecture) compares
+    as that field's default, not as a different shape."""
+    config, run_dir = write_config(tmp_path, train={"steps": 3})
+    train.main([str(config)])
+    path = run_dir / "step_00000003.pt"
+    state = torch.load(path, weights_only=False)
+    for field in ("skip", "architecture", "molt_rank_groups"):
+        del state["config"]["model"][field]
+    torch.save(state, path)
+    train.main([str(config), "--resume", str(run_dir), "--set", "train.steps=4"])
+    assert (run_dir / "step_00000004.pt").is_file()
+
+
 def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     config, run_dir = write_config(tmp_path, checkpoint={"every": 3, "keep_last": 1})
     real_save = torch.save
