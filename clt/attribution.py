@@ -393,8 +393,7 @@ def attribute(
     ``layers[i]``); ``clt`` is a :class:`clt.model.CrossLayerTranscoder` whose features write
     ``hook_mlp_out``. ``batch_size`` target nodes share one backward pass.
     """
-    from .data.lm import FORWARD_LOCK
-    from .evaluate import _names
+    from .data.lm import FORWARD_LOCK, layer_hook_names
     from .model import CrossLayerTranscoder
 
     if not isinstance(clt, CrossLayerTranscoder):
@@ -409,7 +408,7 @@ def attribute(
         raise ValueError(f"the transcoder has {clt.n_layers} layers, got {len(layers)} LM layers")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    in_names, out_names = _names(layers, input_hook, output_hook)
+    in_names, out_names = layer_hook_names(list(layers), input_hook, output_hook)
     if out_names != [f"blocks.{layer}.hook_mlp_out" for layer in layers]:
         raise ValueError(f"attribution graphs need features that write hook_mlp_out, got "
                          f"output hook {output_hook!r}")

@@ -109,13 +109,6 @@ def _reconstruct(clt_model: Any, x: torch.Tensor) -> torch.Tensor:
     return clt_model.reconstruct(xin).to(x.device, x.dtype)
 
 
-def _names(layers: Sequence[int], input_hook: str, output_hook: str) -> tuple[list[str], list[str]]:
-    from .data.lm import hook_names
-
-    pairs = [hook_names(layer, input_hook, output_hook) for layer in layers]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
 def _set_after_bos(value: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """``value [B, T, d]`` with positions ``1..T-1`` replaced by ``new [B, T-1, d]``."""
     out = value.clone()
@@ -248,7 +241,9 @@ def replacement_metrics(
                          f"got {tuple(tokens.shape)}")
     if not layers:
         raise ValueError("layers must not be empty")
-    in_names, out_names = _names(layers, input_hook, output_hook)
+    from .data.lm import layer_hook_names
+
+    in_names, out_names = layer_hook_names(list(layers), input_hook, output_hook)
     missing = sorted({n for n in in_names + out_names if n not in lm.hook_dict})
     if missing:
         raise ValueError(f"hooks not found in the model: {missing}")

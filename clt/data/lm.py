@@ -322,6 +322,14 @@ def hook_names(layer: int, input_hook: str, output_hook: str) -> tuple[str, str]
     return _block_hook(layer, input_hook), _block_hook(layer, output_hook)
 
 
+def layer_hook_names(
+    layers: list[int] | tuple[int, ...], input_hook: str, output_hook: str
+) -> tuple[list[str], list[str]]:
+    """:func:`hook_names` of several layers: ``(input names, output names)``."""
+    pairs = [hook_names(layer, input_hook, output_hook) for layer in layers]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
 def _block_hook(layer: int, hook: str) -> str:
     """`blocks.{layer}.{hook}` after resolving aliases."""
     if not hook or hook.startswith("blocks."):
