@@ -395,8 +395,10 @@ def check_codes(values: torch.Tensor, indices: torch.Tensor, n_layers: int) -> N
 # decodes as dense GEMMs over those features' rows; one whose codes name many (TopK: ~F distinct
 # features over a batch) as gathers. The GEMM does u / K times the FMAs of the gathers (u distinct
 # features, K slots per token) but runs ~20x faster per FMA on a CPU (MKL vs embedding_bag), so it
-# wins up to u ~ 8 K. At L=12, d=768, F=4096, N=1024 on 2 threads, AuxK's 64 dead features x 64
-# slots: fwd + bwd 0.68 s as gathers, 0.09 s as GEMMs.
+# wins up to u ~ 8 K. At L=12, d=768, F=4096, N=1024 on 1 thread, AuxK's 64 dead features x 64
+# slots, fwd + bwd: 1742 ms through embedding_bag's autograd, 680 ms as GEMMs (about half of it the
+# page faults of the fresh W_dec-sized gradient). Per feature instead of per source (hot features
+# as GEMM columns, the rest gathered) measured slower: a skinny [N, 8] GEMM is not 20x faster.
 DENSE_RATIO = 8
 
 
