@@ -355,27 +355,30 @@ def _encode_topk_bwd(grad_values, x, W_enc, indices, needs_x, needs_w, needs_b):
     grad_W = torch.empty_like(W_enc) if needs_w else None
     grad_b = grad_values.new_empty(L, F) if needs_b else None
     tokens = torch.arange(0, N * k, k, device=x.device)  # bag offsets: k slots per token
+    # one working dtype: under autocast the codes' gradient is bf16 while W_enc stays fp32, and
+    # embedding_bag wants its weight and per-sample weights alike
+    work = torch.promote_types(torch.promote_types(grad_values.dtype, W_enc.dtype), x.dtype)
     for layer in range(L):
-        g = grad_values[layer].reshape(-1)  # [N * k]
+        g = grad_values[layer].reshape(-1).to(work)  # [N * k]
         idx = indices[layer].reshape(-1).long()
         if F <= DENSE_RATIO * k:
             tok = torch.arange(N, device=x.device).repeat_interleave(k)
             G = g.new_zeros(N, F).index_put_((tok, idx), g, accumulate=True)  # [N, F]
             if needs_x:
-                grad_x[layer] = G @ W_enc[layer].t()
+                grad_x[layer] = G @ W_enc[layer].t().to(work)
             if needs_w:
-                grad_W[layer] = x[layer].t() @ G
+                grad_W[layer] = x[layer].t().to(work) @ G
             if needs_b:
                 grad_b[layer] = G.sum(0)
             continue
         if needs_x:
-            W_t = W_enc[layer].t().contiguous()  # [F, d_in]: gathered columns as rows
+            W_t = W_enc[layer].t().to(work).contiguous()  # [F, d_in]: gathered columns as rows
             grad_x[layer] = F_.embedding_bag(idx, W_t, tokens, per_sample_weights=g, mode="sum")
         if needs_w:
             feature, order = torch.sort(idx, stable=True)
             counts = torch.bincount(feature, minlength=F)
             starts = torch.cumsum(counts, 0) - counts
-            grad_W[layer] = F_.embedding_bag(order // k, x[layer], starts,
+            grad_W[layer] = F_.embedding_bag(order // k, x[layer].to(work), starts,
                                              per_sample_weights=g[order], mode="sum").t()
         if needs_b:
             grad_b[layer] = g.new_zeros(F).index_add_(0, idx, g)
