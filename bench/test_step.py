@@ -22,9 +22,11 @@ torch's default):
 
 - ``issue-gpu``, the default on CUDA: L=12, d=768, F=16384, k=16, N=8192 (a GPT-2-small CLT);
 - ``issue-cpu``: L=12, d=768, F=4096, k=16, N=1024, the issue's CPU shape, where its CPU targets
-  apply. The dense baseline alone is ~1.5 TFLOP a step (~12 s on 2 threads), so select a
-  nonlinearity: ``CLT_BENCH_SHAPE=issue-cpu .venv/bin/python -m pytest bench/test_step.py -k topk``
-  (about 2 minutes on 2 threads);
+  apply. The dense baseline alone is ~1.5 TFLOP a step (25-30 s on 2 idle threads here; the
+  issue quotes ~12 s), so select a nonlinearity (3-4 minutes for TopK):
+  ``CLT_BENCH_SHAPE=issue-cpu .venv/bin/python -m pytest bench/test_step.py -k "topk and not
+  batchtopk"``. On a shared machine ours suffers most from other load (its many small parallel
+  ops wait on both threads): compare only runs on an idle machine;
 - ``quick``, the default on CPU: L=6, d=256, F=2048, k=16, N=512 (the file takes about a minute on
   2 threads);
 - ``issue``: ``issue-gpu`` on CUDA, ``issue-cpu`` on CPU.
