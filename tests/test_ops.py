@@ -453,6 +453,31 @@ def test_encode_topk_torch_backward_paths(L, N, d_in, F, k, dtype, ratio, monkey
         assert_close(g, w, name=f"grad {name}")
 
 
+@pytest.mark.parametrize("ratio", [0, 10**9], ids=["gather", "gemm"])
+def test_torch_paths_under_cpu_autocast(ratio, monkeypatch):
+    """A bf16 autocast step through both torch paths (encoder backward, decode forward and
+    backward; gather and GEMM branches): fp32 parameters get fp32 gradients close to the fp32
+    step's. Autocast makes the codes bf16 while W_enc and W_dec stay fp32."""
+    monkeypatch.setattr(topk_mod, "DENSE_RATIO", ratio)
+    monkeypatch.setattr(decode_mod, "DENSE_RATIO", ratio)
+    L, N, d_in, F, k, R, d_out = 3, 16, 8, 24, 3, 3, 6
+    layout = DecoderLayout(L, F, R)
+    x, W_enc, b_enc = make_encoder(L, N, d_in, F, F32)
+    W_dec, b_dec = make_decoder(layout, d_out, k, F32)
+    upstream = torch.randn(L, N, d_out)
+    results = []
+    for amp in (False, True):
+        params = [leaf(t) for t in (W_enc, b_enc, W_dec, b_dec)]
+        with torch.autocast("cpu", dtype=BF16, enabled=amp):
+            values, indices = encode_topk(x, params[0], params[1], k, impl="torch")
+            out = decode_mod.sparse_decode_torch(torch.relu(values), indices, params[2],
+                                                 params[3], layout)
+        results.append(grads(out.float(), params, upstream))
+    for name, g, w in zip(["W_enc", "b_enc", "W_dec", "b_dec"], *reversed(results), strict=True):
+        assert g.dtype == F32, name
+        torch.testing.assert_close(g, w, rtol=0.05, atol=0.05, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_encode_topk_gradcheck():
     x, W_enc, b_enc = make_encoder(2, 4, 3, 6, F64)
     assert_separated(ref_pre(x, W_enc, b_enc), 2, gap=1e-3)
