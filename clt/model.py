@@ -290,20 +290,28 @@ class CrossLayerTranscoder(nn.Module):
         self, x: torch.Tensor, dead: torch.Tensor, K: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[L, N, K]`` largest pre-activations of each layer's dead features and their feature
-        indices, by decreasing value; slots beyond a layer's dead count hold ``-inf`` (index 0)."""
+        indices, by decreasing value; slots beyond a layer's dead count hold ``-inf`` (index 0).
+
+        One ``encode_topk`` over all layers' dead columns, gathered into ``[L, d_in, D]``
+        (``D``: the largest dead count; a layer's spare columns get a ``-inf`` bias, so they never
+        win): autograd then scatters one ``W_enc``-sized gradient, not one per layer plus a
+        per-layer sum (at L=12, F=4096 that was 12 zeroed and added 150 MB tensors a step)."""
         L, N, _ = x.shape
         values = x.new_full((L, N, K), -math.inf)
         indices = torch.zeros(L, N, K, dtype=torch.int64, device=x.device)
-        for layer in range(L):
-            cols = dead[layer].nonzero().squeeze(1)
-            k_layer = min(K, cols.numel())
-            if k_layer == 0:
-                continue
-            W = self.W_enc[layer].index_select(1, cols).unsqueeze(0)  # [1, d_in, n_dead]
-            b = self.b_enc[layer].index_select(0, cols).unsqueeze(0)
-            v, i = kernels.encode_topk(x[layer : layer + 1], W, b, k_layer)
-            values[layer, :, :k_layer] = v[0]
-            indices[layer, :, :k_layer] = cols[i[0]]
+        n_dead = dead.sum(dim=1)  # [L]
+        D = int(n_dead.max())
+        if D == 0:
+            return values, indices
+        # [L, D]: each layer's dead features in increasing order, then spare (live) columns
+        cols = torch.sort((~dead).to(torch.uint8), dim=1, stable=True).indices[:, :D]
+        spare = torch.arange(D, device=x.device) >= n_dead.unsqueeze(1)  # [L, D]
+        W = self.W_enc.gather(2, cols.unsqueeze(1).expand(-1, self.d_in, -1))  # [L, d_in, D]
+        b = self.b_enc.gather(1, cols).masked_fill(spare, -math.inf)
+        k = min(K, D)
+        v, i = kernels.encode_topk(x, W, b, k)
+        values[:, :, :k] = v
+        indices[:, :, :k] = cols.gather(1, i.flatten(1)).view_as(i).masked_fill(v == -math.inf, 0)
         return values, indices
 
     @torch.no_grad()
