@@ -11,7 +11,7 @@
 #   2-interp-tests  TRITON_INTERPRET=1 (as CI): the kernel, model and loss tests, run on the CPU
 #                   in parallel with stage 1 (they need no GPU, only the same checkout)
 #   3-step-bench    bench/test_step.py: whole training step, ours vs dense vs floor
-#   4-encode-bench, 5-decode-bench, 6-ops-bench: the kernel benchmarks
+#   4-encode-bench, 5-decode-bench, 6-ops-bench, 7-molt-bench: the kernel benchmarks
 # then bench/gpu_check.py writes one markdown report from the junit XML, logs and benchmark JSON.
 # Nothing here imports pydantic, transformer-lens, wandb or datasets: test files and benchmarks
 # that do (config, data, train, bench/test_data_bench.py) are not run.
@@ -62,7 +62,8 @@ stage() {  # stage NAME LIMIT_S COMMAND...
     "$(grep -E 'passed|failed|error|skipped|no tests ran' "$RUN/$name.log" | tail -n 1)"
 }
 
-KERNEL_TESTS=(tests/test_ops.py tests/test_decode_triton.py tests/test_encode_triton.py)
+KERNEL_TESTS=(tests/test_ops.py tests/test_decode_triton.py tests/test_encode_triton.py
+  tests/test_molt.py)
 
 stage 2-interp-tests 110 env TRITON_INTERPRET=1 "${PYTEST[@]}" -m "not gpu and not slow" \
   "${KERNEL_TESTS[@]}" tests/test_compile_check.py tests/test_model.py tests/test_losses.py \
@@ -79,8 +80,10 @@ stage 4-encode-bench 80 "${BENCH[@]}" bench/test_encode_bench.py \
   --benchmark-json="$RUN/4-encode-bench.json" --junitxml="$RUN/4-encode-bench.xml"
 stage 5-decode-bench 70 "${BENCH[@]}" bench/test_decode_bench.py \
   --benchmark-json="$RUN/5-decode-bench.json" --junitxml="$RUN/5-decode-bench.xml"
-stage 6-ops-bench 50 "${BENCH[@]}" bench/test_ops_bench.py \
+stage 6-ops-bench 40 "${BENCH[@]}" bench/test_ops_bench.py \
   --benchmark-json="$RUN/6-ops-bench.json" --junitxml="$RUN/6-ops-bench.xml"
+stage 7-molt-bench 30 "${BENCH[@]}" bench/test_molt_bench.py \
+  --benchmark-json="$RUN/7-molt-bench.json" --junitxml="$RUN/7-molt-bench.xml"
 
 DEVICE=$("$PY" -c "import platform, torch
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu-dry-run')")
