@@ -91,6 +91,7 @@ def _entry(rank: int, world: int, tp: int, store: str, args: argparse.Namespace,
     try:
         result = run_layout(mesh_from_group(tp, world // tp), args)
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -209,8 +209,12 @@ def mesh_from_group(tensor: int, data: int, timeout_s: float = 600.0) -> Mesh:
     return Mesh(tensor, data, rank, tp_group, dp_group, dist.group.WORLD)
 
 
-def shutdown(mesh: Mesh) -> None:
+def shutdown(mesh: Mesh, barrier: bool = False) -> None:
+    """Leave the process group. ``barrier``: first wait for every rank (a clean exit), so no rank
+    tears its connections down while a peer still completes its last collective."""
     if mesh.world_size > 1 and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -96,6 +96,7 @@ def _entry(rank: int, world: int, tp: int, store: str, job: str, folder: str) ->
     try:
         mesh = mesh_from_group(tp, world // tp)
         torch.save(JOBS[job](mesh, Path(folder)), Path(folder) / f"out{rank}.pt")
+        dist.barrier()  # nobody tears down while a peer finishes its last collective
     finally:
         dist.destroy_process_group()
 
