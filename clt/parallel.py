@@ -209,12 +209,10 @@ def mesh_from_group(tensor: int, data: int, timeout_s: float = 600.0) -> Mesh:
     return Mesh(tensor, data, rank, tp_group, dp_group, dist.group.WORLD)
 
 
-def shutdown(mesh: Mesh, barrier: bool = False) -> None:
-    """Leave the process group. ``barrier``: first wait for every rank (a clean exit), so no rank
-    tears its connections down while a peer still completes its last collective."""
+def shutdown(mesh: Mesh) -> None:
+    """Leave the process group (``train.py``'s last checkpoint ends with a barrier, so no rank
+    leaves while a peer still completes a collective)."""
     if mesh.world_size > 1 and dist.is_initialized():
-        if barrier:
-            dist.barrier()
         dist.destroy_process_group()
 
 
