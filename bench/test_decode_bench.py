@@ -18,19 +18,15 @@ only ratios within one run mean anything).
 
 from __future__ import annotations
 
-import os
-import platform
 from types import SimpleNamespace
 
 import pytest
 import torch
-import triton
+from _bench import CUDA, DEVICE, run_info, sync
 
 from kernels import DecoderLayout, sparse_decode
 from kernels.decode import sparse_decode_torch
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 if CUDA:
     L, N, D_OUT, F, K = 12, 4096, 768, 8192, 16
 else:
@@ -57,11 +53,6 @@ SHORT = {"fwd": "fwd", "bwd": "bwd", "fwd+bwd": "f+b", "torch": "torch", "triton
 
 # mode -> impl -> (median, min) seconds, for dense_over_ours
 _SEEN: dict[str, dict[str, tuple[float, float]]] = {}
-
-
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")
@@ -149,18 +140,14 @@ def test_decode(benchmark, timings, problem, mode, impl):
             out.backward(p.grad_out)
         else:
             fwd().backward(p.grad_out)
-        _sync()
+        sync()
 
     benchmark.group = f"decode-{mode}"
     info = benchmark.extra_info
     info.update(
         impl=impl,
         shape=dict(L=L, N=N, d_out=D_OUT, F=F, k=K, reach=LAYOUT.reach),
-        device=torch.cuda.get_device_name() if CUDA else platform.processor() or "cpu",
-        threads=torch.get_num_threads(),
-        omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
-        torch=torch.__version__,
-        triton=triton.__version__,
+        **run_info(),
         bytes=BYTES[mode],
     )
     if CUDA:

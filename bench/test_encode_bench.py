@@ -23,20 +23,17 @@ from __future__ import annotations
 
 import importlib
 import math
-import platform
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-import triton
+from _bench import CUDA, DEVICE, run_info, sync
 
 from kernels import encode_topk, relu_codes
 
 btk, jr = (importlib.import_module(f"kernels.{m}") for m in ("batchtopk", "jumprelu"))
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 if CUDA:
     L, N, D_IN, F, K = 12, 8192, 768, 16384, 16
 else:
@@ -66,11 +63,6 @@ _RESULTS: dict[str, dict[str, float]] = {}
 _FLOOR: dict[str, float] = {}  # "fwd": median seconds of the bare bmm
 
 
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 @pytest.fixture(scope="module")
 def p() -> SimpleNamespace:
     gen = torch.Generator().manual_seed(0)
@@ -92,12 +84,12 @@ def p() -> SimpleNamespace:
 
 def _median_s(fn, rounds: int) -> float:
     fn()
-    _sync()
+    sync()
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         fn()
-        _sync()
+        sync()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
@@ -119,13 +111,11 @@ def _record(benchmark, group: str, impl: str, fn, setup=None, work=None, unit="t
     benchmark.group = group
     info = benchmark.extra_info
     info.update(impl=impl, shape=dict(L=L, N=N, d_in=D_IN, F=F, k=K), dtype=str(DTYPE),
-                device=torch.cuda.get_device_name() if CUDA else platform.processor() or "cpu",
-                threads=torch.get_num_threads(), torch=torch.__version__,
-                triton=triton.__version__)
+                **run_info())
 
     def call():
         fn()
-        _sync()
+        sync()
 
     if CUDA:
         torch.cuda.reset_peak_memory_stats()

@@ -18,18 +18,15 @@ terminal summary prints ``dense / ours`` from the medians and mins of this run.
 from __future__ import annotations
 
 import os
-import platform
 from types import SimpleNamespace
 
 import pytest
 import torch
-import triton
+from _bench import CUDA, DEVICE, run_info, sync
 
 from kernels import molt_apply
 from kernels.molt import molt_fwd_torch
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 if CUDA:
     L, N, D, K = 1, 4096, 768, 16
     GROUPS = [(512, 16), (256, 32), (128, 64), (64, 128), (32, 256)]
@@ -48,11 +45,6 @@ FLOPS = {
 }
 
 _SEEN: dict[str, dict[str, tuple[float, float]]] = {}
-
-
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")
@@ -143,18 +135,14 @@ def test_molt(benchmark, timings, problem, mode, impl):
                 fwd()
         else:
             torch.autograd.grad(fwd(), leaves, p.grad_out)
-        _sync()
+        sync()
 
     benchmark.group = f"molt-{mode}"
     info = benchmark.extra_info
     info.update(
         impl=impl,
         shape=dict(L=L, N=N, d=D, K=K, groups=GROUPS),
-        device=torch.cuda.get_device_name() if CUDA else platform.processor() or "cpu",
-        threads=torch.get_num_threads(),
-        omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
-        torch=torch.__version__,
-        triton=triton.__version__,
+        **run_info(),
         fwd_flops=FLOPS["dense" if impl == "dense" else "sparse"],
     )
     if CUDA:

@@ -11,16 +11,14 @@ are noise.
 
 from __future__ import annotations
 
-import platform
 from types import SimpleNamespace
 
 import pytest
 import torch
-import triton
+from _bench import CUDA, DEVICE, run_info, sync
 
 from kernels import DecoderLayout, encode_topk, sparse_decode
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 L, N, D_IN, D_OUT, F, K = 6, 1024, 256, 256, 2048, 16
 LAYOUT = DecoderLayout(L, F, reach=L)  # CLT
 PAIRS = sum(LAYOUT.reach_of(s) for s in range(L))  # (source, target) pairs: L(L+1)/2 = 21
@@ -41,11 +39,6 @@ FLOP = {
     },
 }
 DECODE_ROW_BYTES = N * K * PAIRS * D_OUT * FP32  # decoder rows read by one sparse decode
-
-
-def _sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")
@@ -105,23 +98,20 @@ def run(benchmark, timings, group: str, impl: str, fn, params) -> None:
 
     def call():
         fn()
-        _sync()
+        sync()
 
     benchmark.group = group
     info = benchmark.extra_info
     info.update(
         impl=impl,
         shape=dict(L=L, N=N, d_in=D_IN, d_out=D_OUT, F=F, k=K, reach=LAYOUT.reach),
-        device=torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor() or "cpu",
-        threads=torch.get_num_threads(),
-        torch=torch.__version__,
-        triton=triton.__version__,
+        **run_info(),
         flop=FLOP[group][impl],
     )
-    if DEVICE == "cuda":
+    if CUDA:
         torch.cuda.reset_peak_memory_stats()
     benchmark.pedantic(call, setup=setup, rounds=ROUNDS, warmup_rounds=1, iterations=1)
-    if DEVICE == "cuda":
+    if CUDA:
         info["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if benchmark.stats is None:  # --benchmark-disable: ran once, nothing measured
         return

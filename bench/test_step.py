@@ -46,14 +46,13 @@ from __future__ import annotations
 import gc
 import math
 import os
-import platform
 from collections.abc import Callable
 from functools import partial
 from types import SimpleNamespace
 
 import pytest
 import torch
-import triton
+from _bench import CUDA, DEVICE, device_name, run_info, sync
 
 import kernels
 
@@ -75,8 +74,6 @@ except ImportError as exc:  # pragma: no cover - only on a machine missing a dep
 
 pytestmark = pytest.mark.skipif(IMPORT_ERROR is not None, reason=IMPORT_ERROR or "")
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 SHAPES = {  # name -> (L, d, F, k, N)
     "issue-gpu": (12, 768, 16384, 16, 8192),
     "issue-cpu": (12, 768, 4096, 16, 1024),
@@ -103,15 +100,6 @@ def weights_for(nonlinearity: str) -> LossWeights:
     if nonlinearity == "jumprelu":
         return LossWeights(sparsity_coef=0.05, sparsity_c=1.0, preact_coef=3e-6)
     return LossWeights(auxk_alpha=1 / 32, auxk_k=None, dead_tokens=DEAD_TOKENS)
-
-
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def _device_name() -> str:
-    return torch.cuda.get_device_name() if CUDA else platform.processor() or "cpu"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +236,7 @@ def train_step(p: SimpleNamespace, loss_fn) -> None:
     loss.backward()
     update_dead()
     p.opt.step()
-    _sync()
+    sync()
 
 
 def floor_step(p: SimpleNamespace) -> None:
@@ -260,7 +248,7 @@ def floor_step(p: SimpleNamespace) -> None:
         with torch.no_grad():
             model.pre_activations(p.x)
     p.opt.step()
-    _sync()
+    sync()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,7 +325,7 @@ def test_step(benchmark, timings, _tf32, request, nonlinearity, impl):
         peak = None
         if CUDA:
             reset_dead(p)
-            _sync()
+            sync()
             torch.cuda.reset_peak_memory_stats()
             step()
             peak = torch.cuda.max_memory_allocated() / 2**30
@@ -352,10 +340,9 @@ def test_step(benchmark, timings, _tf32, request, nonlinearity, impl):
     seen = _SEEN.setdefault(nonlinearity, {})
     seen[impl] = dict(median=stats.median, min=stats.min, peak=peak)
     info = benchmark.extra_info
-    info.update(impl=impl, nonlinearity=nonlinearity, device=_device_name(),
+    info.update(impl=impl, nonlinearity=nonlinearity,
                 shape=dict(L=L, d_in=D, d_out=D, F=F, k=K, N=N, dead_per_layer=DEAD),
-                dtype="float32", tf32=TF32, threads=torch.get_num_threads(),
-                torch=torch.__version__, triton=triton.__version__, peak_mem_gib=peak,
+                dtype="float32", tf32=TF32, **run_info(), peak_mem_gib=peak,
                 n_params=sum(q.numel() for q in p.model.parameters()))
     if impl == "sparse" and "floor" in seen:
         info["ours_over_floor"] = stats.median / seen["floor"]["median"]
@@ -372,7 +359,7 @@ class _Summary:
         if not _SEEN:
             return
         tr = terminalreporter
-        where = f"{_device_name()}, L={L} d={D} F={F} k={K} N={N}, {torch.get_num_threads()} thr"
+        where = f"{device_name()}, L={L} d={D} F={F} k={K} N={N}, {torch.get_num_threads()} thr"
         tr.write_sep("-", f"whole step, same run ({where})")
         tr.write_line(f"{'nonlinearity':<13}{'floor ms':>10}{'ours ms':>10}{'dense ms':>10}"
                       f"{'ours/floor':>17}{'dense/ours':>17}{'peak GiB f/o/d':>20}")
