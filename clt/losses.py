@@ -172,7 +172,7 @@ def compute_losses(
     ``mesh``: with a feature-sharded model the terms summed over features are summed over the
     tensor-parallel ranks, so every rank holds the same total (see ``clt.parallel``)."""
     mesh = mesh or Mesh.single()
-    if getattr(model, "prefix_bounds", None) is None:  # a MOLT has no prefixes
+    if model.prefix_bounds is None:
         yhat, codes = model(x)
         terms = {"mse": reconstruction_loss(y, yhat)}
     else:

@@ -59,6 +59,7 @@ class MixtureOfLinearTransforms(nn.Module):
     auxk_codes = CrossLayerTranscoder.auxk_codes
     auxk_candidates = CrossLayerTranscoder.auxk_candidates
     reconstruct = CrossLayerTranscoder.reconstruct
+    prefix_bounds = None  # one dictionary of transforms: no Matryoshka prefixes
 
     def __init__(
         self,
