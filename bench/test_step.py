@@ -67,6 +67,7 @@ try:  # clt.model / clt.losses / clt.trainer need only torch and kernels (not py
     )
     from clt.model import CrossLayerTranscoder
     from clt.trainer import build_optimizer as trainer_optimizer
+    from clt.trainer import recycle_grads
 
     IMPORT_ERROR = None
 except ImportError as exc:  # pragma: no cover - only on a machine missing a dependency
@@ -230,10 +231,12 @@ def dense_loss(p: SimpleNamespace) -> tuple[torch.Tensor, Callable[[], None]]:
 
 
 def train_step(p: SimpleNamespace, loss_fn) -> None:
-    """``clt.trainer.train_step`` without the scheduler and the metrics (one micro-batch)."""
-    p.opt.zero_grad(set_to_none=True)
+    """``clt.trainer.train_step`` without the scheduler and the metrics (one micro-batch); the
+    dense baseline runs through it too (none of its ops take a recycled buffer)."""
+    recycle_grads(p.model)  # the trainer's zero_grad: on the host it donates last step's grads
     loss, update_dead = loss_fn(p)
     loss.backward()
+    kernels.buffers.clear()
     update_dead()
     p.opt.step()
     sync()

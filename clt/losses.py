@@ -172,13 +172,22 @@ def compute_losses(
     ``mesh``: with a feature-sharded model the terms summed over features are summed over the
     tensor-parallel ranks, so every rank holds the same total (see ``clt.parallel``)."""
     mesh = mesh or Mesh.single()
-    if model.prefix_bounds is None:
+    dead = aux = e_aux = None
+    if model.nonlinearity in ("topk", "batchtopk") and weights.auxk_alpha > 0:
+        dead = model.dead_mask(weights.dead_tokens)
+    k_aux = weights.auxk_k or DEFAULT_AUXK_K
+    if isinstance(model, MixtureOfLinearTransforms):  # its transforms act on the input
         yhat, codes = model(x)
+        prefixes = [yhat]
+        aux = None if dead is None else model.auxk_codes(x, dead, k_aux)
+        e_aux = None if aux is None else model.decode(x, aux, bias=False)
+    else:  # main and AuxK share one encoder op (TopK) and one decode: one gradient each
+        codes, aux = model.encode_with_aux(x, dead, k_aux)
+        prefixes, e_aux = model.outputs(x, codes, aux)
+    yhat = prefixes[-1]
+    if model.prefix_bounds is None:
         terms = {"mse": reconstruction_loss(y, yhat)}
     else:
-        codes = model.encode(x)
-        prefixes = model.prefix_outputs(x, codes)
-        yhat = prefixes[-1]
         terms = {"mse": matryoshka_loss(y, prefixes, weights.matryoshka_weights)}
     needs_norms = weights.sparsity_coef > 0 or (weights.preact_coef > 0 and codes.pre is not None)
     dec_norms = model.decoder_norms() if needs_norms else None
@@ -193,10 +202,8 @@ def compute_losses(
     if model.nonlinearity == "jumprelu" and weights.l0_coef > 0:
         l0 = l0_penalty(codes.pre, model.log_threshold, model.jumprelu_bandwidth)
         terms["l0"] = weights.l0_coef * ramp * mesh.tp_sum(l0)
-    if model.nonlinearity in ("topk", "batchtopk") and weights.auxk_alpha > 0:
-        aux = auxk_loss(model, x, y, yhat, weights, mesh)
-        if aux is not None:
-            terms["auxk"] = weights.auxk_alpha * aux
+    if e_aux is not None:  # None when no feature is dead
+        terms["auxk"] = weights.auxk_alpha * auxk_fit(model, dead, y, yhat, e_aux, mesh)
     total = torch.stack(list(terms.values())).sum()
     fvu = fvu_per_layer(y.detach(), yhat.detach())
     return LossOutput(total=total, terms=terms, yhat=yhat, codes=codes, fvu=fvu)

@@ -86,6 +86,12 @@ def init_gate_state(module: nn.Module, jumprelu_init_threshold: float, device) -
     module.standardizer = Standardizer(L, module.d_in, module.d_out).to(device)
 
 
+def layer_rows(t: torch.Tensor, layer: int | None) -> torch.Tensor:
+    """Rows ``[layer, layer + 1)`` of a per-layer tensor, or ``t`` itself for all layers: a full
+    slice ``t[:]`` would cost autograd a zeroed ``t``-sized gradient and a copy into it."""
+    return t if layer is None else t[layer : layer + 1]
+
+
 def codes_in_range(codes: Codes, lo: int, hi: int) -> Codes:
     """The slots of ``codes`` whose feature lies in ``[lo, hi)``, packed to the front of each row
     (``K`` cut to the largest count; other slots become padding), differentiable in the values."""
@@ -97,6 +103,32 @@ def codes_in_range(codes: Codes, lo: int, hi: int) -> Codes:
     values = codes.values.gather(-1, order) * keep
     indices = torch.where(keep, codes.indices.gather(-1, order), 0)
     return Codes(values, indices)
+
+
+def _dead_columns(dead: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cols, spare)`` ``[L, D]``: each layer's dead features in increasing order, then
+    spare (live) columns, flagged in ``spare``."""
+    cols = torch.sort((~dead).to(torch.uint8), dim=1, stable=True).indices[:, :D]
+    spare = torch.arange(D, device=dead.device) >= dead.sum(dim=1, keepdim=True)
+    return cols, spare
+
+
+def _no_candidates(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[L, N, K]`` AuxK candidates of a batch with no dead feature: all padding."""
+    L, N, _ = x.shape
+    return (x.new_full((L, N, K), -math.inf),
+            torch.zeros(L, N, K, dtype=torch.int64, device=x.device))
+
+
+def _pad_candidates(
+    v: torch.Tensor, ids: torch.Tensor, K: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[L, N, k]`` candidates padded to ``K`` slots (``-inf``, index 0)."""
+    k = v.shape[-1]
+    if k == K:
+        return v, ids
+    return (torch.nn.functional.pad(v, (0, K - k), value=-math.inf),
+            torch.nn.functional.pad(ids, (0, K - k), value=0))
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -182,8 +214,8 @@ class CrossLayerTranscoder(nn.Module):
     def pre_activations(self, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Dense ``[L, N, F]`` pre-activations (only for nonlinearities that need them), or
         ``[1, N, F]`` of one source ``layer``."""
-        rows = slice(None) if layer is None else slice(layer, layer + 1)
-        return torch.baddbmm(self.b_enc[rows].unsqueeze(1), x, self.W_enc[rows])
+        return torch.baddbmm(layer_rows(self.b_enc, layer).unsqueeze(1), x,
+                             layer_rows(self.W_enc, layer))
 
     def encode(self, x: torch.Tensor, layer: int | None = None) -> Codes:
         """Standardized ``x [L, N, d_in]`` -> sparse codes.
@@ -199,14 +231,14 @@ class CrossLayerTranscoder(nn.Module):
             raise ValueError("global BatchTopK selects across layers: encode all layers at once")
         if self.nonlinearity == "topk":
             scale = self.decoder_norms()[rows] if self.rank_by_decoder_norm else None
-            values, indices = kernels.encode_topk(x, self.W_enc[rows], self.b_enc[rows], self.k,
-                                                  scale)
+            values, indices = kernels.encode_topk(x, layer_rows(self.W_enc, layer),
+                                                  layer_rows(self.b_enc, layer), self.k, scale)
             return Codes(torch.relu(values), indices)
         pre = self.pre_activations(x, layer)  # [L, N, F]
         if self.nonlinearity == "batchtopk":
             return self._batchtopk(pre, rows)
         if self.nonlinearity == "jumprelu":
-            values, indices = kernels.jumprelu_codes(pre, self.log_threshold[rows],
+            values, indices = kernels.jumprelu_codes(pre, layer_rows(self.log_threshold, layer),
                                                      self.jumprelu_bandwidth)
             return Codes(values, indices, pre)
         return Codes(*kernels.relu_codes(pre), pre)
@@ -232,8 +264,14 @@ class CrossLayerTranscoder(nn.Module):
 
     def decode(self, codes: Codes, bias: bool = True) -> torch.Tensor:
         """Sparse codes -> standardized ``[L, N, d_out]``; ``bias=False`` for AuxK."""
-        b_dec = self.b_dec if bias else None
-        return kernels.sparse_decode(codes.values, codes.indices, self.W_dec, b_dec, self.layout)
+        return self.decode_many([codes], [bias])[0]
+
+    def decode_many(self, codes: Sequence[Codes], biases: Sequence[bool]) -> list[torch.Tensor]:
+        """:meth:`decode` of several code sets through one decoder gradient
+        (``kernels.sparse_decode_many``)."""
+        sets = [(c.values, c.indices, self.b_dec if b else None)
+                for c, b in zip(codes, biases, strict=True)]
+        return kernels.sparse_decode_many(sets, self.W_dec, self.layout)
 
     def skip_output(self, x: torch.Tensor) -> torch.Tensor | None:
         """``[L, N, d_out]`` skip-connection term ``x[t] @ W_skip[t]``, or None without one."""
@@ -241,23 +279,41 @@ class CrossLayerTranscoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Codes]:
         codes = self.encode(x)
-        yhat = self.decode(codes)
-        skip = self.skip_output(x)
-        return (yhat if skip is None else yhat + skip), codes
+        return self.outputs(x, codes)[0][-1], codes
 
     def prefix_outputs(self, x: torch.Tensor, codes: Codes) -> list[torch.Tensor]:
         """Reconstructions ``[L, N, d_out]`` of the nested prefixes (Matryoshka), smallest first;
-        the last is the full output. Each active feature is decoded once, in the decode of its
-        own group; prefixes are cumulative sums of those partial decodes (bias and skip in all)."""
-        base = self.b_dec.unsqueeze(1)
+        the last is the full output."""
+        return self.outputs(x, codes)[0]
+
+    def outputs(
+        self, x: torch.Tensor, codes: Codes, aux: Codes | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """``(prefixes, e_aux)``: the reconstructions ``[L, N, d_out]`` of the nested prefixes,
+        smallest first (just ``[yhat]`` without Matryoshka), and the bias-free decode of the
+        ``aux`` codes (AuxK; None without them), all in one :meth:`decode_many`, so the whole
+        step writes one decoder gradient. With Matryoshka each active feature is decoded once,
+        in its own group's decode; prefixes are cumulative sums of those partial decodes (bias
+        and skip in all)."""
         skip = self.skip_output(x)
+        if self.prefix_bounds is None:
+            groups, biases = [codes], [True]
+        else:
+            groups = [codes_in_range(codes, lo, hi) for lo, hi in self.prefix_ranges()]
+            biases = [False] * len(groups)
+        if aux is not None:
+            groups, biases = groups + [aux], biases + [False]
+        parts = self.decode_many(groups, biases)
+        e_aux = parts.pop() if aux is not None else None
+        if self.prefix_bounds is None:
+            return [parts[0] if skip is None else parts[0] + skip], e_aux
+        base = self.b_dec.unsqueeze(1)
         base = base if skip is None else base + skip
-        outputs, total = [], None
-        for lo, hi in self.prefix_ranges():
-            part = self.decode(codes_in_range(codes, lo, hi), bias=False)
+        prefixes, total = [], None
+        for part in parts:
             total = part if total is None else total + part
-            outputs.append(base + total)
-        return outputs
+            prefixes.append(base + total)
+        return prefixes, e_aux
 
     def reconstruct(self, x_raw: torch.Tensor) -> torch.Tensor:
         """Raw hook activations in, raw MLP-output-scale reconstruction out."""
@@ -286,6 +342,36 @@ class CrossLayerTranscoder(nn.Module):
         pre, indices = self.auxk_candidates(x, dead, min(k_aux, n_dead))
         return Codes(torch.relu(pre), indices)  # relu(-inf) = 0: empty slots are padding
 
+    def encode_with_aux(
+        self, x: torch.Tensor, dead: torch.Tensor | None, k_aux: int
+    ) -> tuple[Codes, Codes | None]:
+        """``(encode(x), auxk_codes(x, dead, k_aux))`` (no AuxK codes without ``dead``). For TopK
+        both selections run in one encoder op, so the step writes one ``W_enc`` gradient."""
+        if dead is None or self.nonlinearity != "topk":
+            return self.encode(x), None if dead is None else self.auxk_codes(x, dead, k_aux)
+        self._check_inputs(x)
+        n_dead = int(dead.sum(dim=1).max())
+        pre, idx, aux_pre, aux_idx = self.topk_candidates(x, dead, min(k_aux, n_dead))
+        aux = None if n_dead == 0 else Codes(torch.relu(aux_pre), aux_idx)
+        return Codes(torch.relu(pre), idx), aux
+
+    def topk_candidates(
+        self, x: torch.Tensor, dead: torch.Tensor, K: int
+    ) -> tuple[torch.Tensor, ...]:
+        """TopK's pre-activations and indices over this module's features, and the
+        :meth:`auxk_candidates` ``(pre, indices)`` with ``K`` slots (``K = 0``: no AuxK), in one
+        ``kernels.encode_topk`` call."""
+        scale = self.decoder_norms() if self.rank_by_decoder_norm else None
+        k = min(self.k, self.n_features)
+        D = int(dead.sum(dim=1).max()) if K > 0 else 0
+        if D == 0:
+            values, indices = kernels.encode_topk(x, self.W_enc, self.b_enc, k, scale)
+            return values, indices, *_no_candidates(x, K)
+        cols, spare = _dead_columns(dead, D)
+        values, indices, aux_pre, aux_idx = kernels.encode_topk(
+            x, self.W_enc, self.b_enc, k, scale, aux=(cols, spare, min(K, D)))
+        return values, indices, *_pad_candidates(aux_pre, aux_idx, K)
+
     def auxk_candidates(
         self, x: torch.Tensor, dead: torch.Tensor, K: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,24 +381,17 @@ class CrossLayerTranscoder(nn.Module):
         One ``encode_topk`` over all layers' dead columns, gathered into ``[L, d_in, D]``
         (``D``: the largest dead count; a layer's spare columns get a ``-inf`` bias, so they never
         win): autograd then scatters one ``W_enc``-sized gradient, not one per layer plus a
-        per-layer sum (at L=12, F=4096 that was 12 zeroed and added 150 MB tensors a step)."""
-        L, N, _ = x.shape
-        values = x.new_full((L, N, K), -math.inf)
-        indices = torch.zeros(L, N, K, dtype=torch.int64, device=x.device)
-        n_dead = dead.sum(dim=1)  # [L]
-        D = int(n_dead.max())
+        per-layer sum (at L=12, F=4096 that was 12 zeroed and added 150 MB tensors a step). TopK
+        training gets these from :meth:`topk_candidates` instead, with no extra gradient."""
+        D = int(dead.sum(dim=1).max())
         if D == 0:
-            return values, indices
-        # [L, D]: each layer's dead features in increasing order, then spare (live) columns
-        cols = torch.sort((~dead).to(torch.uint8), dim=1, stable=True).indices[:, :D]
-        spare = torch.arange(D, device=x.device) >= n_dead.unsqueeze(1)  # [L, D]
+            return _no_candidates(x, K)
+        cols, spare = _dead_columns(dead, D)
         W = self.W_enc.gather(2, cols.unsqueeze(1).expand(-1, self.d_in, -1))  # [L, d_in, D]
         b = self.b_enc.gather(1, cols).masked_fill(spare, -math.inf)
-        k = min(K, D)
-        v, i = kernels.encode_topk(x, W, b, k)
-        values[:, :, :k] = v
-        indices[:, :, :k] = cols.gather(1, i.flatten(1)).view_as(i).masked_fill(v == -math.inf, 0)
-        return values, indices
+        v, i = kernels.encode_topk(x, W, b, min(K, D))
+        ids = cols.gather(1, i.flatten(1)).view_as(i).masked_fill(v == -math.inf, 0)
+        return _pad_candidates(v, ids, K)
 
     @torch.no_grad()
     def folded_copy(self) -> CrossLayerTranscoder:

@@ -23,7 +23,7 @@ from torch import nn
 import kernels
 from kernels import DecoderLayout
 
-from .model import Codes, CrossLayerTranscoder, init_encoder, init_gate_state
+from .model import Codes, CrossLayerTranscoder, init_encoder, init_gate_state, layer_rows
 
 DEFAULT_RANKS = (512, 256, 128, 64, 32)
 
@@ -163,11 +163,11 @@ class MixtureOfLinearTransforms(nn.Module):
         """
         rows = slice(None) if layer is None else slice(layer, layer + 1)
         self._check_inputs(x, layer)
-        Us = [U[rows] for U in self.U]
-        Vs = [V[rows] for V in self.V]
+        Us = [layer_rows(U, layer) for U in self.U]
+        Vs = [layer_rows(V, layer) for V in self.V]
         out = kernels.molt_apply(x, codes.values, codes.indices, Us, Vs,
                                  zero_slot_grad=self._window_slots(codes, rows))
-        return out + self.b_dec[rows].unsqueeze(1) if bias else out
+        return out + layer_rows(self.b_dec, layer).unsqueeze(1) if bias else out
 
     def _window_slots(self, codes: Codes, rows: slice) -> bool | torch.Tensor:
         """Value-0 slots whose gradient matters: JumpReLU codes hold the entries inside the STE

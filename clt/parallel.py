@@ -15,7 +15,8 @@ explicit, inside autograd functions where gradients cross it:
   are chosen from the gathered candidates, ordered by their flat index in that batch.
 - JumpReLU / ReLU are elementwise: nothing to exchange.
 - Decode: each rank decodes its own features; one all-reduce of ``[L, N, d_out]`` (backward: the
-  identity, because the loss is replicated) completes the output, then ``b_dec`` is added.
+  identity, because the loss is replicated) completes the output, then ``b_dec`` is added. The
+  main and AuxK decodes (or Matryoshka's groups) share that one all-reduce, stacked.
 - Loss terms that sum over features (sparsity, pre-activation, L0) are all-reduced the same way;
   AuxK selects across shards like TopK.
 Data parallel replicas read different tokens; gradients are averaged by bucketed all-reduces that
@@ -40,7 +41,7 @@ import torch.distributed as dist
 
 import kernels
 
-from .model import Codes, CrossLayerTranscoder
+from .model import Codes, CrossLayerTranscoder, layer_rows
 
 # ---- the mesh --------------------------------------------------------------------------------
 
@@ -289,12 +290,36 @@ class ShardedCLT(CrossLayerTranscoder):
         self._check_inputs(x, layer)
         rows = slice(None) if layer is None else slice(layer, layer + 1)
         scale = self.decoder_norms()[rows] if self.rank_by_decoder_norm else None
-        pre, idx = kernels.encode_topk(x, self.W_enc[rows], self.b_enc[rows],
-                                       min(self.k, self.n_features), scale)
+        W, b = layer_rows(self.W_enc, layer), layer_rows(self.b_enc, layer)
+        pre, idx = kernels.encode_topk(x, W, b, min(self.k, self.n_features), scale)
+        return self._global_topk(pre, idx, scale)
+
+    def _global_topk(self, pre: torch.Tensor, idx: torch.Tensor,
+                     scale: torch.Tensor | None) -> Codes:
+        """This rank's local TopK candidates that are in each token's global top k."""
         score = pre.detach() if scale is None else pre.detach() * scale.gather(
             1, idx.flatten(1)).view_as(idx)
         keep = self._keep_per_token(score, idx, self.k)
         return Codes(torch.where(keep, torch.relu(pre), torch.zeros_like(pre)), idx)
+
+    def _global_auxk(self, pre: torch.Tensor, idx: torch.Tensor, n_dead: torch.Tensor,
+                     K: int) -> Codes:
+        """This rank's AuxK candidates that are in each token's global top ``K`` dead ones."""
+        keep = self._keep_per_token(pre.detach(), idx, torch.clamp(n_dead, max=K))
+        return Codes(torch.where(keep, torch.relu(pre), torch.zeros_like(pre)), idx)
+
+    def encode_with_aux(
+        self, x: torch.Tensor, dead: torch.Tensor | None, k_aux: int
+    ) -> tuple[Codes, Codes | None]:
+        if self.mesh.tp_size == 1 or dead is None or self.nonlinearity != "topk":
+            return super().encode_with_aux(x, dead, k_aux)
+        self._check_inputs(x)
+        n_dead = self.mesh.tp_sum(dead.sum(dim=1))  # [L] dead features of the full model
+        K = min(k_aux, int(n_dead.max()))  # the same on every rank: so are the collectives
+        pre, idx, aux_pre, aux_idx = self.topk_candidates(x, dead, K)
+        scale = self.decoder_norms() if self.rank_by_decoder_norm else None
+        codes = self._global_topk(pre, idx, scale)
+        return codes, None if K == 0 else self._global_auxk(aux_pre, aux_idx, n_dead, K)
 
     def _keep_per_token(self, score: torch.Tensor, idx: torch.Tensor, m) -> torch.Tensor:
         """Keep mask ``[L, N, c]`` of this rank's candidates in each token's global top ``m``."""
@@ -331,11 +356,16 @@ class ShardedCLT(CrossLayerTranscoder):
                 self._update_threshold(min_kept.clamp(min=0))
         return Codes(torch.relu(out_values), indices)
 
-    def decode(self, codes: Codes, bias: bool = True) -> torch.Tensor:
+    def decode_many(self, codes: Sequence[Codes], biases: Sequence[bool]) -> list[torch.Tensor]:
         if self.mesh.tp_size == 1:
-            return super().decode(codes, bias)
-        out = self.mesh.tp_sum(super().decode(codes, bias=False))
-        return out + self.b_dec.unsqueeze(1) if bias else out
+            return super().decode_many(codes, biases)
+        parts = super().decode_many(codes, [False] * len(codes))
+        if all(p.shape == parts[0].shape for p in parts):  # main + AuxK: one all-reduce
+            parts = list(self.mesh.tp_sum(torch.stack(parts)).unbind(0))
+        else:
+            parts = [self.mesh.tp_sum(p) for p in parts]
+        return [p + self.b_dec.unsqueeze(1) if b else p
+                for p, b in zip(parts, biases, strict=True)]
 
     def auxk_codes(self, x: torch.Tensor, dead: torch.Tensor, k_aux: int) -> Codes | None:
         if self.mesh.tp_size == 1:
@@ -344,9 +374,7 @@ class ShardedCLT(CrossLayerTranscoder):
         if int(n_dead.max()) == 0:
             return None  # the same answer on every rank, so every rank skips the collectives
         K = min(k_aux, int(n_dead.max()))
-        pre, idx = self.auxk_candidates(x, dead, K)
-        keep = self._keep_per_token(pre.detach(), idx, torch.clamp(n_dead, max=K))
-        return Codes(torch.where(keep, torch.relu(pre), torch.zeros_like(pre)), idx)
+        return self._global_auxk(*self.auxk_candidates(x, dead, K), n_dead, K)
 
 
 # ---- which tensors are sharded, and how -------------------------------------------------------

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+import kernels
+
 from .losses import LossOutput, LossWeights, compute_losses, total_variance
 from .model import CrossLayerTranscoder
 from .molt import MixtureOfLinearTransforms
@@ -125,6 +127,19 @@ def autocast(device: torch.device, mixed_precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def recycle_grads(model: torch.nn.Module) -> None:
+    """``zero_grad(set_to_none=True)`` that on the host first donates each gradient to
+    ``kernels.buffers``, where this step's ops that write a parameter-sized gradient (decoder,
+    TopK encoder) take it as their output: the same memory serves every step instead of ~1 GB of
+    fresh, page-faulting allocations (see ``kernels/buffers.py``). On CUDA the caching allocator
+    does this already, and donated buffers would only raise the forward's peak memory."""
+    kernels.buffers.clear()
+    for p in model.parameters():
+        if p.grad is not None and p.grad.device.type == "cpu":
+            kernels.buffers.donate(p.grad)
+        p.grad = None
+
+
 def train_step(
     model: CrossLayerTranscoder,
     optimizer: torch.optim.Optimizer,
@@ -148,7 +163,7 @@ def train_step(
     """
     mesh = mesh or Mesh.single()
     model.train()
-    optimizer.zero_grad(set_to_none=True)
+    recycle_grads(model)
     sums: dict[str, torch.Tensor] = {}
     device = model.W_enc.device
     for micro in range(tcfg.grad_accum):
@@ -166,6 +181,7 @@ def train_step(
             counter.update(fire_counts, n_tokens)
         for name, value in _metrics(out, y, mesh).items():
             sums[name] = sums.get(name, 0) + value / tcfg.grad_accum
+    kernels.buffers.clear()  # donations no op took are freed before the optimizer step
     if grad_sync is not None:
         grad_sync.finish()
     if scaler is not None:

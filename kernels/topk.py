@@ -34,11 +34,14 @@ a good fraction of cuBLAS; the selection (bitonic merges on int64 keys on CUDA c
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F_
 import triton
 import triton.language as tl
 
+from . import buffers
 from ._dispatch import interpreter_on, use_triton
 
 # ------------------------------------------------------------------------------------------------
@@ -352,7 +355,8 @@ def _encode_topk_bwd(grad_values, x, W_enc, indices, needs_x, needs_w, needs_b):
     L, N, k = indices.shape
     d_in, F = W_enc.shape[1:]
     grad_x = torch.empty_like(x) if needs_x else None
-    grad_W = torch.empty_like(W_enc) if needs_w else None
+    # W_enc-sized: last step's gradient where the trainer donated it (kernels.buffers)
+    grad_W = buffers.empty(W_enc.shape, W_enc.dtype, W_enc.device) if needs_w else None
     grad_b = grad_values.new_empty(L, F) if needs_b else None
     tokens = torch.arange(0, N * k, k, device=x.device)  # bag offsets: k slots per token
     # one working dtype: under autocast the codes' gradient is bf16 while W_enc stays fp32, and
@@ -404,33 +408,77 @@ def _triton_ok(x, W_enc, b_enc) -> bool:
 
 
 class EncodeTopKFunction(torch.autograd.Function):
+    """TopK encode, and optionally AuxK's top ``k_aux`` among the columns ``aux_cols [L, D]``
+    (``aux_spare [L, D]``: columns that never win) in the same op, so both write one ``W_enc``
+    gradient (two ops would each build a ``W_enc``-sized one, the gathered columns' through a
+    zeroed scatter, and autograd would add them)."""
+
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k, rank_scale, impl):
+    def forward(ctx, x, W_enc, b_enc, k, rank_scale, impl, aux_cols, aux_spare, k_aux):
         if impl == "fused":
             values, indices = encode_topk_fwd(x, W_enc, b_enc, k, rank_scale)
             values = values.to(x.dtype)
         else:
             values, indices = _encode_topk_fwd(x, W_enc, b_enc, k, rank_scale)
-        ctx.save_for_backward(x, W_enc, indices)
-        ctx.mark_non_differentiable(indices)
         ctx.triton_bwd = impl in ("fused", "two_step")
         ctx.b_dtype = b_enc.dtype
-        return values, indices
+        ctx.mark_non_differentiable(indices)
+        if aux_cols is None:
+            ctx.save_for_backward(x, W_enc, indices)
+            return values, indices
+        aux_values, pos = _aux_topk_fwd(x, W_enc, b_enc, aux_cols, aux_spare, k_aux)
+        never = aux_values == -math.inf  # slots past a layer's column count
+        aux_indices = aux_cols.gather(1, pos.flatten(1)).view_as(pos).masked_fill(never, 0)
+        ctx.save_for_backward(x, W_enc, indices, aux_cols, pos, never)
+        ctx.mark_non_differentiable(aux_indices)
+        return values, indices, aux_values, aux_indices
 
     @staticmethod
-    def backward(ctx, grad_values, _grad_indices):
-        x, W_enc, indices = ctx.saved_tensors
+    def backward(ctx, grad_values, _grad_indices, grad_aux=None, _grad_aux_indices=None):
+        x, W_enc, indices, *aux = ctx.saved_tensors
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         if ctx.triton_bwd:
             gx, gw, gb = encode_topk_bwd(grad_values, x, W_enc, indices, needs_x, needs_w, needs_b)
-            grads = (
+            grads = [
                 gx.to(x.dtype) if gx is not None else None,
                 gw.to(W_enc.dtype) if gw is not None else None,
                 gb.to(ctx.b_dtype) if gb is not None else None,
-            )
+            ]
         else:
-            grads = _encode_topk_bwd(grad_values, x, W_enc, indices, needs_x, needs_w, needs_b)
-        return *grads, None, None, None
+            grads = list(_encode_topk_bwd(grad_values, x, W_enc, indices, needs_x, needs_w,
+                                          needs_b))
+        if aux and grad_aux is not None:
+            _add_aux_grads(grads, grad_aux, x, W_enc, *aux)
+        return *grads, None, None, None, None, None, None
+
+
+def _aux_topk_fwd(x, W_enc, b_enc, cols, spare, k):
+    """``[L, N, k]`` largest pre-activations among the columns ``cols [L, D]`` of each layer
+    (spare columns get a ``-inf`` bias, so they never win) and their positions in ``cols``. A few
+    dead columns: one small batched GEMM, whatever the device."""
+    W = W_enc.gather(2, cols.unsqueeze(1).expand(-1, W_enc.shape[1], -1))  # [L, d_in, D]
+    b = b_enc.gather(1, cols).to(x.dtype).masked_fill(spare, -math.inf)
+    pre = torch.baddbmm(b.unsqueeze(1), x, W.to(x.dtype))  # [L, N, D]
+    return pre.topk(k, dim=-1)
+
+
+def _add_aux_grads(grads, grad_aux, x, W_enc, cols, pos, never) -> None:
+    """Add AuxK's gradients into the main ``[grad_x, grad_W_enc, grad_b_enc]`` in place: the
+    slot gradients scattered into a dense ``[L, N, D]`` over the few columns, two small GEMMs,
+    and a scatter-add into the named columns."""
+    L, N, _ = x.shape
+    D = cols.shape[1]
+    g = grad_aux.masked_fill(never, 0)
+    G = g.new_zeros(L, N, D).scatter_add_(2, pos, g)  # [L, N, D]
+    gx, gw, gb = grads
+    if gw is not None:
+        dW = torch.bmm(x.transpose(1, 2).to(G.dtype), G)  # [L, d_in, D]
+        gw.scatter_add_(2, cols.unsqueeze(1).expand(-1, x.shape[2], -1), dW.to(gw.dtype))
+    if gb is not None:
+        gb.scatter_add_(1, cols, G.sum(1).to(gb.dtype))
+    if gx is not None:
+        W = W_enc.gather(2, cols.unsqueeze(1).expand(-1, W_enc.shape[1], -1))
+        gx.add_(torch.bmm(G, W.transpose(1, 2).to(G.dtype)).to(gx.dtype))
 
 
 def encode_topk(
@@ -441,7 +489,8 @@ def encode_topk(
     rank_scale: torch.Tensor | None = None,
     *,
     impl: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    aux: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Top-k pre-activations per (layer, token), differentiable in x, W_enc and b_enc.
 
     Args:
@@ -453,10 +502,16 @@ def encode_topk(
         impl: ``"auto"`` (fused Triton kernels where ``use_triton`` allows and the dtype is
             fp32 / bf16 / fp16, else torch), ``"fused"``, ``"two_step"`` (library GEMM + torch
             top-k forward, Triton sparse backward) or ``"torch"``. Keyword only.
+        aux: AuxK in the same op, ``(columns [L, D], spare [L, D] bool, k_aux)``: also the top
+            ``k_aux`` pre-activations (unscaled) among each layer's ``columns`` (its dead
+            features; ``spare`` columns never win). Both selections then write one ``W_enc``
+            gradient. Keyword only.
 
     Returns:
         ``values [L, N, k]`` (pre-activations, apply relu for TopK codes) and ``indices [L, N, k]``
         int64, ordered by decreasing score. The Triton path breaks ties by the lower feature index.
+        With ``aux`` also ``aux_values [L, N, k_aux]`` (``-inf`` where a layer has fewer than
+        ``k_aux`` non-spare columns) and their feature ids ``aux_indices`` (0 at those slots).
     """
     L, N, d_in = x.shape
     if W_enc.shape[:2] != (L, d_in) or b_enc.shape != (L, W_enc.shape[2]):
@@ -478,4 +533,14 @@ def encode_topk(
         impl = "fused" if _triton_ok(x, W_enc, b_enc) else "torch"
     elif impl not in ("fused", "two_step", "torch"):
         raise ValueError(f"encode_topk: impl must be auto, fused, two_step or torch, got {impl!r}")
-    return EncodeTopKFunction.apply(x, W_enc, b_enc, k, rank_scale, impl)
+    if aux is None:
+        return EncodeTopKFunction.apply(x, W_enc, b_enc, k, rank_scale, impl, None, None, None)
+    cols, spare, k_aux = aux
+    if cols.dim() != 2 or cols.shape[0] != L or spare.shape != cols.shape \
+            or spare.dtype != torch.bool:
+        raise ValueError(f"encode_topk: aux columns must be [L={L}, D] with a bool spare mask of "
+                         f"that shape, got {tuple(cols.shape)} and {tuple(spare.shape)}")
+    if not 1 <= k_aux <= cols.shape[1]:
+        raise ValueError(f"encode_topk: k_aux must be in 1..{cols.shape[1]}, got {k_aux}")
+    return EncodeTopKFunction.apply(x, W_enc, b_enc, k, rank_scale, impl, cols.long(), spare,
+                                    k_aux)

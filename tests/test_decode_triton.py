@@ -261,14 +261,14 @@ def _compile_jobs() -> list[CompileJob]:
                      **ints},
                     {"ATOMIC_GRAD_W": atomic, "BLOCK_M": rows, "BLOCK_D": bd}, arch))
             rows, bd = decode_mod.GPU_BLOCKS["grad_w"]
-            for block_d in sorted({64, bd}):
+            for block_d, accumulate in [(b, False) for b in sorted({64, bd})] + [(bd, True)]:
                 jobs.append(CompileJob(
                     decode_mod._decode_bwd_grad_w_kernel,
                     {"values_ptr": w, "grad_out_ptr": w, "row_off_ptr": "*i64",
                      "perm_ptr": "*i64", "seg_ptr": "*i64", "grad_W_ptr": w,
                      "N": "i32", "K": "i32", "F": "i32", "d_out": "i32", "n_layers": "i32",
                      "reach": "i32"},
-                    {"BLOCK_E": rows, "BLOCK_D": block_d}, arch))
+                    {"ACCUMULATE": accumulate, "BLOCK_E": rows, "BLOCK_D": block_d}, arch))
     return jobs
 
 

@@ -104,3 +104,42 @@ def test_gradient_accumulation_matches_one_big_batch():
         results.append(model)
     for (name, a), b in zip(results[0].named_parameters(), results[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, msg=f"parameter {name} differs")
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk"])
+def test_recycled_gradients_reuse_memory_and_change_nothing(kind, monkeypatch):
+    """``train_step`` donates last step's gradients (``recycle_grads``): the decoder gradient is
+    written into the same memory every step (and, for TopK, the encoder's), and four steps with
+    AuxK running give bitwise the parameters of plain ``zero_grad(set_to_none=True)``."""
+    import clt.trainer as trainer_mod
+
+    def run(recycle: bool):
+        if not recycle:
+            monkeypatch.setattr(trainer_mod, "recycle_grads",
+                                lambda model: [setattr(p, "grad", None)
+                                               for p in model.parameters()])
+        cfg = planted_config(kind, train={"steps": 4, "batch_tokens": 64, "warmup_steps": 0},
+                             loss={"dead_tokens": 1})  # every unfired feature counts as dead
+        torch.manual_seed(0)
+        model = build_model(cfg, 32, 32, torch.device("cpu"))
+        data = PlantedDictionary(**cfg.data.synthetic.model_dump())
+        optimizer = build_optimizer(model, cfg.train)
+        scheduler = build_scheduler(optimizer, cfg.train)
+        batches = iter(lambda: data.next_batch(64), None)
+        ptrs = []
+        for step in range(4):
+            metrics = train_step(model, optimizer, scheduler, batches, loss_weights(cfg), step,
+                                 cfg.train)
+            assert "loss/auxk" in metrics or step == 0  # nothing has been dead for a token yet
+            ptrs.append((model.W_dec.grad.data_ptr(), model.W_enc.grad.data_ptr()))
+        monkeypatch.undo()
+        monkeypatch.setenv("CLT_FORCE_TORCH", "1")
+        return model, ptrs
+
+    recycled, ptrs = run(True)
+    plain, _ = run(False)
+    assert len({p[0] for p in ptrs[1:]}) == 1, "the decoder gradient moved between steps"
+    if kind == "topk":
+        assert len({p[1] for p in ptrs[1:]}) == 1, "the encoder gradient moved between steps"
+    for (name, a), b in zip(recycled.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b), f"parameter {name} differs"
