@@ -42,13 +42,38 @@ class LossOutput:
     yhat: torch.Tensor
     codes: Codes
     fvu: torch.Tensor  # [L], detached
+    fvu_total: torch.Tensor  # all layers' squared error over all layers' variance, detached
+
+
+class _LayerSquaredError(torch.autograd.Function):
+    """``[L]`` ``sum_{n, d} (a - b)^2`` per layer, differentiable in ``a`` only (``b`` is a
+    target). One ``a``-sized temporary forward (``a - b``, kept for backward) and one backward;
+    autograd through ``(a - b).pow(2).sum(...)`` allocates five (sub, pow, and pow's backward
+    pow, mul, mul), and ``mse_loss`` three. At ``[12, 1024, 768]`` fp32 each fresh temporary is
+    a 36 MiB mmap whose page faults alone cost ~7 ms on the 2-core machines here."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        diff = a - b
+        ctx.save_for_backward(diff)
+        return squared_norms(diff)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (diff,) = ctx.saved_tensors
+        return diff * (2 * grad).to(diff.dtype).view(-1, 1, 1), None
+
+
+def layer_squared_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[L]`` squared error of ``a [L, N, d]`` against the target ``b`` (no gradient to ``b``),
+    summed over tokens and ``d``."""
+    return _LayerSquaredError.apply(a, b.detach())
 
 
 def reconstruction_loss(y: torch.Tensor, yhat: torch.Tensor) -> torch.Tensor:
     """Squared error summed over ``d_out``, averaged over tokens, summed over layers: every layer
-    has the same N tokens, so this is one fused ``mse_loss`` sum over N (one pass forward and
-    backward instead of sub, pow, sum, mean, sum: 57 -> 24 ms at [12, 1024, 768] on 2 threads)."""
-    return torch.nn.functional.mse_loss(yhat, y, reduction="sum") / y.shape[1]
+    has the same N tokens, so this is one sum over all of them divided by N."""
+    return layer_squared_error(yhat, y).sum() / y.shape[1]
 
 
 def matryoshka_loss(
@@ -62,15 +87,32 @@ def matryoshka_loss(
     return (losses * losses.new_tensor(w)).sum() / sum(w)
 
 
+def squared_norms(t: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
+    """``[L]`` ``sum_{n, d} (t - center)^2`` per layer (``center [L, 1, d]`` or 0), no gradient.
+
+    One layer at a time, so each temporary is a cache-resident ``[N, d]`` slice, not a fresh
+    ``t``-sized block, with ``sum``'s cascaded accumulation (a one-pass ``vector_norm`` over
+    ``[1024, 768]`` loses ~2e-5 relative in fp32, ``torch.var``'s Welford pass is 7x slower)."""
+    t = t.detach()
+    acc = torch.promote_types(t.dtype, torch.float32)  # bf16 squares and sums in fp32
+
+    def layer(i: int) -> torch.Tensor:
+        row = t[i].to(acc)
+        return (row if center is None else row - center[i]).pow(2).sum()
+
+    return torch.stack([layer(i) for i in range(t.shape[0])])
+
+
 def total_variance(y: torch.Tensor) -> torch.Tensor:
     """``[L]`` ``sum_n ||y_n - mean(y)||^2`` over the batch."""
-    return (y - y.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2))
+    acc = torch.promote_types(y.dtype, torch.float32)
+    return squared_norms(y, y.detach().mean(dim=1, keepdim=True, dtype=acc))
 
 
 def fvu_per_layer(y: torch.Tensor, yhat: torch.Tensor) -> torch.Tensor:
     """``[L]`` fraction of variance unexplained: ``sum ||y - yhat||^2 / sum ||y - mean(y)||^2``
     over the batch (a ratio of sums, not a mean of per-dimension ratios)."""
-    return (y - yhat).pow(2).sum(dim=(1, 2)) / total_variance(y)
+    return squared_norms(y - yhat) / total_variance(y)
 
 
 def sparsity_ramp(step: int, warmup_steps: int) -> float:
@@ -130,20 +172,22 @@ def auxk_fit(
     yhat: torch.Tensor,
     e_aux: torch.Tensor,
     mesh: Mesh | None = None,
+    e: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """AuxK's normalised fit of the detached residual by ``e_aux [L, N, d_out]`` (see
-    :func:`auxk_loss`), summed over the target layers that a dead source feature reaches.
+    """AuxK's normalised fit of the detached residual ``e = y - yhat`` (pass it when computed
+    already) by ``e_aux [L, N, d_out]`` (see :func:`auxk_loss`), summed over the target layers
+    that a dead source feature reaches.
 
     With data parallelism the variances are those of the whole batch (all replicas) and the
     replica's share of the numerator is scaled so that the averaged gradients equal one process's.
     """
     mesh = mesh or Mesh.single()
-    e = (y - yhat).detach()
+    e = (y - yhat).detach() if e is None else e
     has_dead = mesh.tp_sum(dead.sum(dim=1)) > 0  # [L] over the features of every shard
     reached = torch.stack([has_dead[list(model.layout.sources_of(t))].any()
                            for t in range(model.n_layers)])
     var_e, var_y = batch_variance(e, mesh), batch_variance(y.detach(), mesh)
-    ratio = (e - e_aux).pow(2).sum(dim=(1, 2)) * mesh.dp_size / var_e.clamp_min(1e-12)
+    ratio = layer_squared_error(e_aux, e) * mesh.dp_size / var_e.clamp_min(1e-12)
     scale = var_y / (y.shape[1] * mesh.dp_size)
     return (ratio * scale)[reached].sum()
 
@@ -202,8 +246,11 @@ def compute_losses(
     if model.nonlinearity == "jumprelu" and weights.l0_coef > 0:
         l0 = l0_penalty(codes.pre, model.log_threshold, model.jumprelu_bandwidth)
         terms["l0"] = weights.l0_coef * ramp * mesh.tp_sum(l0)
+    e = (y - yhat).detach()  # the residual: AuxK's target and the FVU's numerator
     if e_aux is not None:  # None when no feature is dead
-        terms["auxk"] = weights.auxk_alpha * auxk_fit(model, dead, y, yhat, e_aux, mesh)
+        aux = auxk_fit(model, dead, y, yhat, e_aux, mesh, e=e)
+        terms["auxk"] = weights.auxk_alpha * aux
     total = torch.stack(list(terms.values())).sum()
-    fvu = fvu_per_layer(y.detach(), yhat.detach())
-    return LossOutput(total=total, terms=terms, yhat=yhat, codes=codes, fvu=fvu)
+    sq_err, var_y = squared_norms(e), total_variance(y)
+    return LossOutput(total=total, terms=terms, yhat=yhat, codes=codes, fvu=sq_err / var_y,
+                      fvu_total=sq_err.sum() / var_y.sum())

@@ -19,7 +19,7 @@ import torch
 
 import kernels
 
-from .losses import LossOutput, LossWeights, compute_losses, total_variance
+from .losses import LossOutput, LossWeights, compute_losses
 from .model import CrossLayerTranscoder
 from .molt import MixtureOfLinearTransforms
 from .parallel import GradSync, Mesh, ShardedCLT, clip_grad_norm
@@ -179,7 +179,7 @@ def train_step(
         model.update_dead_stats(fire_counts, n_tokens)
         if counter is not None:
             counter.update(fire_counts, n_tokens)
-        for name, value in _metrics(out, y, mesh).items():
+        for name, value in _metrics(out, mesh).items():
             sums[name] = sums.get(name, 0) + value / tcfg.grad_accum
     kernels.buffers.clear()  # donations no op took are freed before the optimizer step
     if grad_sync is not None:
@@ -200,13 +200,12 @@ def train_step(
     return sums
 
 
-def _metrics(out: LossOutput, y: torch.Tensor, mesh: Mesh) -> dict[str, torch.Tensor]:
+def _metrics(out: LossOutput, mesh: Mesh) -> dict[str, torch.Tensor]:
     total = out.total.detach()
     metrics = {"loss": total, "nonfinite": (~torch.isfinite(total)).float()}
     metrics.update({f"loss/{k}": v.detach() for k, v in out.terms.items()})
     metrics["fvu"] = out.fvu
-    err = (y.detach() - out.yhat.detach()).float().pow(2).sum()
-    metrics["fvu_total"] = err / total_variance(y.detach().float()).sum()
+    metrics["fvu_total"] = out.fvu_total
     metrics["l0"] = mesh.tp_sum(out.codes.l0())  # codes hold this rank's features only
     return metrics
 

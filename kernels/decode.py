@@ -419,6 +419,15 @@ def check_codes(values: torch.Tensor, indices: torch.Tensor, n_layers: int) -> N
 DENSE_RATIO = 8
 
 
+# Bytes of output per embedding_bag call of the torch path (forward: a chunk of tokens; decoder
+# gradient: a chunk of table rows), so every product stays cache-sized and below glibc's 32 MiB
+# mmap threshold (freed blocks are reused, not faulted in again). At L=12, d=768, F=4096, N=1024
+# on 2 threads the 1 GB decoder gradient takes 90 ms in 3 MiB chunks, 290 ms as one call (its
+# fresh table-sized output page-faults) and 350 ms in 48 MiB chunks; the forward of a 12-target
+# source 16 ms in chunks, 23 ms as one [N, 12 * 768] product.
+CHUNK_BYTES = 3 * 2**20
+
+
 def _source_codes(values: torch.Tensor, indices: torch.Tensor, source: int, dtype: torch.dtype):
     """Flat ``(values [N * K] in dtype, indices [N * K] int64)`` of one source."""
     return values[source].reshape(-1).to(dtype), indices[source].reshape(-1).long()
@@ -469,25 +478,38 @@ def sparse_decode_fwd_torch(
     layout: DecoderLayout,
 ) -> torch.Tensor:
     """Torch forward: ``[L, N, d_out]``, one product per source over its ``[F, R_s * d_out]``
-    block (a feature's whole crosslayer write is one row), accumulated token-major ``[N, L, d]``
-    so that a source's ``R_s`` targets are contiguous."""
+    block (a feature's whole crosslayer write is one row), added into the output's ``R_s``
+    target layers: gathers in chunks of tokens whose ``[n, R_s * d_out]`` product stays
+    cache-sized (``CHUNK_BYTES``), dense sources as one GEMM per target accumulated in place, so
+    no ``[N, R_s * d_out]`` temporary exists (at L=12, d=768 that was a fresh 36 MiB block per
+    large source, and a transposed copy of the output)."""
     L, N, K = values.shape
     d_out = W_dec.shape[1]
-    out = W_dec.new_zeros(N, L, d_out)
+    out = W_dec.new_zeros(L, N, d_out)
     offsets = torch.arange(0, N * K, K, device=values.device)
     for s in range(L):
         R_s = layout.reach_of(s)
-        W_s = layout.source_view(W_dec, s).flatten(1)  # [F, R_s * d_out]
+        W_s = layout.source_view(W_dec, s)  # [F, R_s, d_out]
         v, idx = _source_codes(values, indices, s, W_dec.dtype)
         dense = _dense_columns(idx, K, layout.n_features)
-        if dense is None:
-            part = F_.embedding_bag(idx, W_s, offsets, per_sample_weights=v, mode="sum")
-        else:
+        if dense is not None:
             cols, pos = dense
-            part = _dense_codes(v, pos, N, cols.numel()) @ W_s.index_select(0, cols)
-        out[:, s : s + R_s] += part.view(N, R_s, d_out)
-    out = out.transpose(0, 1)
-    return (out if b_dec is None else out + b_dec.unsqueeze(1)).contiguous()
+            A = _dense_codes(v, pos, N, cols.numel())  # [N, u]
+            W_cols = W_s.index_select(0, cols)  # [u, R_s, d_out]
+            for r in range(R_s):
+                out[s + r].addmm_(A, W_cols[:, r])
+            continue
+        rows = max(1, CHUNK_BYTES // max(1, R_s * d_out * W_dec.element_size()))
+        for n0 in range(0, N, rows):
+            n1 = min(N, n0 + rows)
+            part = F_.embedding_bag(idx[n0 * K : n1 * K], W_s.flatten(1), offsets[: n1 - n0],
+                                    per_sample_weights=v[n0 * K : n1 * K], mode="sum")
+            out[s : s + R_s, n0:n1] += part.view(n1 - n0, R_s, d_out).transpose(0, 1)
+    if b_dec is None:
+        return out
+    if torch.promote_types(out.dtype, b_dec.dtype) == out.dtype:
+        return out.add_(b_dec.unsqueeze(1))
+    return out + b_dec.unsqueeze(1)
 
 
 def sparse_decode_bwd_torch(
@@ -563,13 +585,6 @@ def sparse_decode_bwd_torch(
     for s, cols, A, G_s in dense_parts:
         layout.source_view(grad_W, s).flatten(1).index_add_(0, cols, A.t() @ G_s)
     return grad_values, grad_W
-
-
-# Output rows per embedding_bag call of the decoder gradient: at L=12, d=768, F=4096, N=1024 on 2
-# threads, 1024-row (3 MiB) chunks write the 1 GB table in 90 ms, one call in 290 ms (its
-# table-sized output is a fresh mmap, first-touch page faults included) and 16384-row chunks in
-# 350 ms; the same chunks into a warm buffer: 90 ms.
-CHUNK_BYTES = 3 * 2**20
 
 
 def _bag_rows_into(
