@@ -206,3 +206,29 @@ def test_sparse_decode_many_rejects_bad_input():
     # the single-decode op is the one-set case
     torch.testing.assert_close(sparse_decode(values, indices, W_dec, b_dec, layout),
                                sparse_decode_many([(values, indices, b_dec)], W_dec, layout)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "atomic"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_cuda_main_and_auxk_at_production_blocks(dtype, deterministic):
+    """Real CUDA, production block sizes: TopK codes and AuxK-like codes (64 features, 64 slots)
+    through one W_dec against the float64 torch path of the same decodes (also on CUDA)."""
+    L, N, F, K, R, d_out = 6, 1000, 512, 16, 6, 200
+    layout, main, aux, W_dec, b_dec = make_sets(L, N, F, K, R, d_out, F32, aux_features=64,
+                                                k_aux=64)
+    main, aux = tuple(t.cuda() for t in main), tuple(t.cuda() for t in aux)
+    W_dec, b_dec = W_dec.cuda(), b_dec.cuda()
+    ups = [torch.randn(L, N, d_out, device="cuda") for _ in range(2)]
+
+    def decode_many(sets, W, lay):
+        return sparse_decode_many(sets, W, lay, deterministic=deterministic)
+
+    got = run(decode_many, main, aux, W_dec, b_dec, layout, ups, dtype=dtype)
+    want = run(reference_torch_path, main, aux, W_dec, b_dec, layout, ups, dtype=F64)
+    check(got, want)
+
+
+def reference_torch_path(sets, W, layout):
+    """Each decode separately through the float64 torch path (the reference on CUDA tensors)."""
+    return [decode_mod.sparse_decode_torch(v, i, W, b, layout) for v, i, b in sets]
