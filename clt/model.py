@@ -234,25 +234,41 @@ class CrossLayerTranscoder(nn.Module):
             values, indices = kernels.encode_topk(x, layer_rows(self.W_enc, layer),
                                                   layer_rows(self.b_enc, layer), self.k, scale)
             return Codes(torch.relu(values), indices)
+        if self.nonlinearity == "batchtopk":  # selects on a detached pre, see _batchtopk
+            with torch.no_grad():
+                pre = self.pre_activations(x, layer)
+            return self._batchtopk(x, pre, layer)
         pre = self.pre_activations(x, layer)  # [L, N, F]
-        if self.nonlinearity == "batchtopk":
-            return self._batchtopk(pre, rows)
         if self.nonlinearity == "jumprelu":
             values, indices = kernels.jumprelu_codes(pre, layer_rows(self.log_threshold, layer),
                                                      self.jumprelu_bandwidth)
             return Codes(values, indices, pre)
         return Codes(*kernels.relu_codes(pre), pre)
 
-    def _batchtopk(self, pre: torch.Tensor, rows: slice) -> Codes:
-        """Exact BatchTopK while training; at inference a JumpReLU at the EMA threshold."""
+    def _batchtopk(self, x: torch.Tensor, pre: torch.Tensor, layer: int | None) -> Codes:
+        """Exact BatchTopK while training; at inference a JumpReLU at the EMA threshold. ``pre``
+        is detached: the winners' values get their gradient from :meth:`_with_encoder_grad`."""
         if self.training:
             values, indices, min_kept = kernels.batchtopk(pre, self.k, self.batchtopk_scope)
-            if rows == slice(None):
+            if layer is None:
                 self._update_threshold(min_kept)
-            return Codes(values, indices)
+            return self._with_encoder_grad(x, pre, layer, values, indices)
         theta = self.threshold.view(-1, 1, 1)  # [L or 1, 1, 1]
-        theta = theta[rows] if theta.shape[0] > 1 else theta
-        return Codes(*kernels.mask_to_codes(pre, pre > theta))
+        theta = layer_rows(theta, layer) if theta.shape[0] > 1 else theta
+        values, indices = kernels.mask_to_codes(pre, pre > theta)
+        return self._with_encoder_grad(x, pre, layer, values, indices)
+
+    def _with_encoder_grad(self, x: torch.Tensor, pre: torch.Tensor, layer: int | None,
+                           values: torch.Tensor, indices: torch.Tensor) -> Codes:
+        """Codes whose positive ``values`` (picked from the detached ``pre``) are differentiable
+        in the encoder through ``kernels.encode_at``'s sparse backward (padding and values <= 0
+        pass no gradient, as through a relu), instead of a dense ``[L, N, F]`` pre-activation
+        gradient and a dense ``x^T @ grad`` GEMM per layer."""
+        if not torch.is_grad_enabled():
+            return Codes(values, indices)
+        exact = kernels.encode_at(x, layer_rows(self.W_enc, layer), layer_rows(self.b_enc, layer),
+                                  pre, indices)
+        return Codes(torch.where(values > 0, exact, torch.zeros_like(exact)), indices)
 
     @torch.no_grad()
     def _update_threshold(self, min_kept: torch.Tensor) -> None:
@@ -271,7 +287,9 @@ class CrossLayerTranscoder(nn.Module):
         (``kernels.sparse_decode_many``)."""
         sets = [(c.values, c.indices, self.b_dec if b else None)
                 for c, b in zip(codes, biases, strict=True)]
-        return kernels.sparse_decode_many(sets, self.W_dec, self.layout)
+        # only JumpReLU's value-0 slots (its STE window) carry a gradient the encoder uses
+        return kernels.sparse_decode_many(sets, self.W_dec, self.layout,
+                                          zero_slot_grad=self.nonlinearity == "jumprelu")
 
     def skip_output(self, x: torch.Tensor) -> torch.Tensor | None:
         """``[L, N, d_out]`` skip-connection term ``x[t] @ W_skip[t]``, or None without one."""

@@ -52,6 +52,7 @@ class MixtureOfLinearTransforms(nn.Module):
     pre_activations = CrossLayerTranscoder.pre_activations
     encode = CrossLayerTranscoder.encode
     _batchtopk = CrossLayerTranscoder._batchtopk
+    _with_encoder_grad = CrossLayerTranscoder._with_encoder_grad
     _update_threshold = CrossLayerTranscoder._update_threshold
     _check_inputs = CrossLayerTranscoder._check_inputs
     dead_mask = CrossLayerTranscoder.dead_mask

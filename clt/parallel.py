@@ -328,33 +328,33 @@ class ShardedCLT(CrossLayerTranscoder):
         m = m if isinstance(m, int) else m.repeat_interleave(N)
         return _keep_mine(self.mesh, score.flatten(0, 1), keys, m, "tp").view(L, N, c)
 
-    def _batchtopk(self, pre: torch.Tensor, rows: slice) -> Codes:
+    def _batchtopk(self, x: torch.Tensor, pre: torch.Tensor, layer: int | None) -> Codes:
         if not self.training:
-            return super()._batchtopk(pre, rows)  # inference threshold: elementwise
+            return super()._batchtopk(x, pre, layer)  # inference threshold: elementwise
         mesh, (L, N, Fl) = self.mesh, pre.shape
         scope = self.batchtopk_scope
         k_cand = min(self.k * mesh.dp_size, Fl)  # a rank never holds more winners than this
         cand = kernels.batchtopk_mask(pre, k_cand, scope)
         nz = cand.nonzero()  # [count, 3] row-major, so each layer's block is contiguous
-        layer, tok, feat = nz.unbind(1)
+        lay, tok, feat = nz.unbind(1)
         # flat index in the batch one process would see: replicas' tokens concatenated
         n_global, F = N * mesh.dp_size, self.global_features
         key = ((mesh.dp_rank * N + tok) * F + self.feature_offset + feat)
         S = L if scope == "layer" else 1
         if scope == "global":
-            key = key + layer * n_global * F
-        values = pre.detach()[layer, tok, feat]
+            key = key + lay * n_global * F
+        values = pre.detach()[lay, tok, feat]
         m = n_global * self.k * (1 if scope == "layer" else L)
         keep = _keep_mine(mesh, values.view(S, -1), key.view(S, -1), m, "world").flatten()
         mask = torch.zeros_like(cand)
-        mask[layer[keep], tok[keep], feat[keep]] = True
-        out_values, indices = kernels.mask_to_codes(pre, mask)
+        mask[lay[keep], tok[keep], feat[keep]] = True
+        out_values, indices = kernels.mask_to_codes(pre.detach(), mask)
         with torch.no_grad():  # smallest kept value of the whole batch, the same on every rank
             mine = torch.where(keep.view(S, -1), values.view(S, -1), torch.inf).amin(dim=1)
             min_kept = -mesh.world_max(-mine)
-            if rows == slice(None):
+            if layer is None:
                 self._update_threshold(min_kept.clamp(min=0))
-        return Codes(torch.relu(out_values), indices)
+        return self._with_encoder_grad(x, pre, layer, torch.relu(out_values), indices)
 
     def decode_many(self, codes: Sequence[Codes], biases: Sequence[bool]) -> list[torch.Tensor]:
         if self.mesh.tp_size == 1:

@@ -7,7 +7,7 @@ from .codes import mask_to_codes, relu_codes
 from .decode import DecoderLayout, check_codes, decoder_norms, sparse_decode, sparse_decode_many
 from .jumprelu import jumprelu, jumprelu_codes, jumprelu_step
 from .molt import molt_apply
-from .topk import encode_topk
+from .topk import encode_at, encode_topk
 
 __all__ = [
     "DecoderLayout",
@@ -16,6 +16,7 @@ __all__ = [
     "batchtopk_mask",
     "check_codes",
     "decoder_norms",
+    "encode_at",
     "encode_topk",
     "exact_topk_mask",
     "jumprelu",

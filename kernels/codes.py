@@ -26,7 +26,7 @@ def mask_to_codes(src: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     L, N, _ = src.shape
     # nonzero() is row-major, so entries of one row are contiguous and sorted by feature
     nz = mask.nonzero()  # [nnz, 3]
-    counts = mask.sum(dim=-1).flatten()  # [L * N]
+    counts = mask.sum(dim=-1, dtype=torch.int32).flatten()  # [L * N] (int64 would copy mask)
     K = max(int(counts.max()) if counts.numel() else 0, 1)
     row = nz[:, 0] * N + nz[:, 1]
     row_start = torch.cumsum(counts, 0) - counts

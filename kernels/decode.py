@@ -452,20 +452,23 @@ def _dense_codes(v: torch.Tensor, pos: torch.Tensor, N: int, n_cols: int) -> tor
     return v.new_zeros(N, n_cols).index_put_((tok, pos), v, accumulate=True)
 
 
-def _per_sample_dots(G_s: torch.Tensor, W_s: torch.Tensor, idx: torch.Tensor, K: int):
-    """``[N * K]`` dot products ``<G_s[n], W_s[idx[n * K + j]]>``, grouped by feature: the sampled
-    product ``W_s @ G_s^T`` at a CSR pattern whose rows are the features and whose entries are the
-    tokens of their slots (sorted), so each row of ``W_s`` is read once and the ``G_s`` rows come
-    from cache (15-20% faster than token-major rows at L=12, F=4096, d=768, N=1024)."""
+def _per_sample_dots(G_s: torch.Tensor, W_s: torch.Tensor, idx: torch.Tensor, K: int,
+                     slots: torch.Tensor | None = None) -> torch.Tensor:
+    """Dot products ``<G_s[n], W_s[idx[n * K + j]]>`` of the ``slots`` ``n * K + j`` (all by
+    default), grouped by feature: the sampled product ``W_s @ G_s^T`` at a CSR pattern whose rows
+    are the features and whose entries are the tokens of their slots (sorted), so each row of
+    ``W_s`` is read once and the ``G_s`` rows come from cache (15-20% faster than token-major
+    rows at L=12, F=4096, d=768, N=1024)."""
     N, F = G_s.shape[0], W_s.shape[0]
-    feature, order = torch.sort(idx, stable=True)
+    tokens = torch.arange(0, idx.numel(), device=idx.device) if slots is None else slots
+    feature, order = torch.sort(idx if slots is None else idx[slots], stable=True)
     counts = torch.bincount(feature, minlength=F)
     crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     dtype = torch.promote_types(G_s.dtype, torch.float32)  # no bf16 sampled_addmm on CPU
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, order // K, idx.new_zeros(idx.shape, dtype=dtype),
-                                          (F, N))
+        pattern = torch.sparse_csr_tensor(crow, tokens[order] // K,
+                                          G_s.new_zeros(order.shape, dtype=dtype), (F, N))
     dots = torch.sparse.sampled_addmm(pattern, W_s.to(dtype), G_s.to(dtype).t(), beta=0.0)
     return torch.empty_like(dots.values()).index_copy_(0, order, dots.values())
 
@@ -520,9 +523,11 @@ def sparse_decode_bwd_torch(
     *,
     need_values: Sequence[bool],
     need_W: bool = True,
+    zero_slot_grad: bool = True,
 ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
     """Torch backward of several decodes through one ``W_dec``: ``([grad_values per decode],
-    grad_W_dec)``; a decode whose ``grad_out`` is None contributes nothing (zeros).
+    grad_W_dec)``; a decode whose ``grad_out`` is None contributes nothing (zeros). With
+    ``zero_slot_grad=False`` slots of value 0 get gradient 0 (see :func:`sparse_decode_many`).
 
     ``grad_W_dec`` is the forwards transposed: one ``embedding_bag`` whose bags are the rows of
     the table, each summing ``value * grad_out[t, n]`` over the nonzero slots ``(s, n, j)`` of
@@ -560,7 +565,8 @@ def sparse_decode_bwd_torch(
                 dense_parts.append((s, cols, A, G_s))
                 if need_v:
                     dots = G_s @ W_s.index_select(0, cols).t()  # [N, u]
-                    gv[s] = dots.gather(1, pos.view(N, K)).to(values.dtype)
+                    dots = dots.gather(1, pos.view(N, K))
+                    gv[s] = dots if zero_slot_grad else dots * (v.view(N, K) != 0)
                 continue
             if need_W:
                 gathers = True
@@ -569,8 +575,12 @@ def sparse_decode_bwd_torch(
                 rows.append((layout.source_row_offsets[s] + idx[live] * R_s + r).flatten())
                 g_rows.append((first_row + (s + r) * N + live // K).flatten())
                 weights.append(v[live].expand(R_s, -1).flatten())
-            if need_v:
+            if need_v and zero_slot_grad:
                 gv[s] = _per_sample_dots(G_s, W_s, idx, K).view(N, K).to(values.dtype)
+            elif need_v:  # only the nonzero slots: padding (BatchTopK's up to ~2x) costs nothing
+                slots = (v != 0).nonzero().squeeze(1)
+                gv[s] = 0
+                gv[s].view(-1)[slots] = _per_sample_dots(G_s, W_s, idx, K, slots).to(gv.dtype)
         if gathers:
             tables.append(grad_out.view(L * N, d_out))
         grad_values.append(gv)
@@ -618,10 +628,11 @@ class SparseDecodeFunction(torch.autograd.Function):
     add them up)."""
 
     @staticmethod
-    def forward(ctx, W_dec, layout, deterministic, kernels, *codes):
+    def forward(ctx, W_dec, layout, deterministic, kernels, zero_slot_grad, *codes):
         sets = [codes[i : i + 3] for i in range(0, len(codes), 3)]
         ctx.save_for_backward(W_dec, *[t for v, i, _ in sets for t in (v, i)])
         ctx.layout, ctx.deterministic, ctx.kernels = layout, deterministic, kernels
+        ctx.zero_slot_grad = zero_slot_grad
         ctx.b_dtypes = [None if b is None else b.dtype for *_, b in sets]
         ctx.set_materialize_grads(False)  # an unused output (e.g. AuxK's, skipped) costs nothing
         fwd = sparse_decode_fwd if kernels else sparse_decode_fwd_torch
@@ -632,16 +643,17 @@ class SparseDecodeFunction(torch.autograd.Function):
         W_dec, *flat = ctx.saved_tensors
         codes = list(zip(flat[0::2], flat[1::2], strict=True))
         need_w = ctx.needs_input_grad[0]
-        need_v = list(ctx.needs_input_grad[4::3])
-        need_b = list(ctx.needs_input_grad[6::3])
+        need_v = list(ctx.needs_input_grad[5::3])
+        need_b = list(ctx.needs_input_grad[7::3])
         # the gradient of a .sum() arrives expanded (stride 0): the kernels need it dense
         grad_outs = [None if g is None else g.contiguous() for g in grad_outs]
         if ctx.kernels:
             grad_values, grad_W = _triton_backward(grad_outs, codes, W_dec, ctx.layout, need_v,
                                                    need_w, ctx.deterministic)
         elif need_w or any(need_v):
-            grad_values, grad_W = sparse_decode_bwd_torch(grad_outs, codes, W_dec, ctx.layout,
-                                                          need_values=need_v, need_W=need_w)
+            grad_values, grad_W = sparse_decode_bwd_torch(
+                grad_outs, codes, W_dec, ctx.layout, need_values=need_v, need_W=need_w,
+                zero_slot_grad=ctx.zero_slot_grad)
         else:
             grad_values, grad_W = [None] * len(codes), None
         grads = []
@@ -651,7 +663,7 @@ class SparseDecodeFunction(torch.autograd.Function):
                 acc = torch.promote_types(g.dtype, torch.float32)  # fp32 or fp64
                 gb = g.sum(1, dtype=acc).to(b_dtype)
             grads += [gv, None, gb]
-        return grad_W, None, None, None, *grads
+        return grad_W, None, None, None, None, *grads
 
 
 def _triton_backward(grad_outs, codes, W_dec, layout, need_v, need_w, deterministic):
@@ -683,7 +695,8 @@ def sparse_decode_torch(
     layout: DecoderLayout,
 ) -> torch.Tensor:
     """Torch path of :func:`sparse_decode`; differentiable in values, W_dec and b_dec."""
-    return SparseDecodeFunction.apply(W_dec, layout, True, False, values, indices, b_dec)[0]
+    return SparseDecodeFunction.apply(W_dec, layout, True, False, True, values, indices,
+                                      b_dec)[0]
 
 
 def sparse_decode(
@@ -723,11 +736,17 @@ def sparse_decode_many(
     layout: DecoderLayout,
     *,
     deterministic: bool = True,
+    zero_slot_grad: bool = True,
 ) -> list[torch.Tensor]:
     """:func:`sparse_decode` of several code sets ``(values, indices, b_dec)`` (each may have its
     own N and K) through one ``W_dec``, with one decoder gradient for all: the main decode and
     AuxK's, or Matryoshka's groups, write one ``W_dec``-sized gradient instead of one each plus
-    their sum (at L=12, d=768, F=4096 a fresh 1 GB table and a 1 GB add per extra decode)."""
+    their sum (at L=12, d=768, F=4096 a fresh 1 GB table and a 1 GB add per extra decode).
+
+    ``zero_slot_grad=False`` promises that the gradient of slots holding 0 is discarded upstream
+    (padding; relu'd values): the torch path then computes ``grad_values`` only at nonzero slots
+    and returns 0 elsewhere. Leave it True where a zero slot's gradient matters (JumpReLU's STE
+    window). The Triton path computes every slot either way."""
     if not codes:
         raise ValueError("sparse_decode_many needs at least one (values, indices, b_dec)")
     if W_dec.dim() != 2 or W_dec.shape[0] != layout.n_rows:
@@ -748,11 +767,41 @@ def sparse_decode_many(
             and W_dec.shape[1] > 0
         )
     flat = [t for triple in codes for t in triple]
-    return list(SparseDecodeFunction.apply(W_dec, layout, deterministic, kernels_ok, *flat))
+    return list(SparseDecodeFunction.apply(W_dec, layout, deterministic, kernels_ok,
+                                           zero_slot_grad, *flat))
+
+
+class DecoderNormsFunction(torch.autograd.Function):
+    """``[L, F]`` whole-write norms from per-row norms. Its backward writes one ``W_dec``-sized
+    gradient ``W_dec * (g / norm)`` per row; autograd through a norm of each source's block
+    (a slice of ``W_dec``) zero-fills and adds one ``W_dec``-sized gradient per source (12 GB
+    of memset and adds a step at L=12, d=768, F=4096: 6 s of a JumpReLU step)."""
+
+    @staticmethod
+    def forward(ctx, W_dec, layout):
+        acc = torch.promote_types(W_dec.dtype, torch.float32)
+        row_sq = torch.linalg.vector_norm(W_dec, dim=1, dtype=acc).square()  # [n_rows]
+        offsets, F = layout.source_row_offsets, layout.n_features
+        norms = torch.stack([row_sq[offsets[s] : offsets[s + 1]].view(F, -1).sum(1)
+                             for s in range(layout.n_layers)]).sqrt()  # [L, F]
+        ctx.save_for_backward(W_dec, norms)
+        ctx.layout = layout
+        return norms.to(W_dec.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        W_dec, norms = ctx.saved_tensors
+        layout = ctx.layout
+        # d||w|| / dw = w / ||w||, and 0 at w = 0 (torch's subgradient)
+        scale = torch.where(norms > 0, grad.to(norms.dtype) / norms, torch.zeros_like(norms))
+        per_row = torch.cat([scale[s].repeat_interleave(layout.reach_of(s))
+                             for s in range(layout.n_layers)])  # [n_rows]
+        out = buffers.empty(W_dec.shape, W_dec.dtype, W_dec.device)
+        return torch.mul(W_dec, per_row.unsqueeze(1).to(W_dec.dtype), out=out), None
 
 
 def decoder_norms(W_dec: torch.Tensor, layout: DecoderLayout) -> torch.Tensor:
     """``[L, F]`` norm of each feature's whole write, concatenated over all its targets."""
-    return torch.stack(
-        [layout.source_view(W_dec, s).flatten(1).norm(dim=1) for s in range(layout.n_layers)]
-    )
+    if W_dec.dim() != 2 or W_dec.shape[0] != layout.n_rows:
+        raise ValueError(f"W_dec must be [{layout.n_rows}, d_out], got {tuple(W_dec.shape)}")
+    return DecoderNormsFunction.apply(W_dec, layout)

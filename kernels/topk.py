@@ -481,6 +481,61 @@ def _add_aux_grads(grads, grad_aux, x, W_enc, cols, pos, never) -> None:
         gx.add_(torch.bmm(G, W.transpose(1, 2).to(G.dtype)).to(gx.dtype))
 
 
+class EncodeAtFunction(torch.autograd.Function):
+    """Pre-activations gathered at given features, with TopK's sparse encoder backward."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, pre, indices):
+        ctx.save_for_backward(x, W_enc, indices)
+        ctx.triton_bwd = _triton_ok(x, W_enc, b_enc)
+        ctx.b_dtype = b_enc.dtype
+        ctx.mark_non_differentiable(indices)
+        return pre.gather(-1, indices.long())
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        x, W_enc, indices = ctx.saved_tensors
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        if not ctx.triton_bwd:
+            grads = _encode_topk_bwd(grad_values, x, W_enc, indices.long(), needs_x, needs_w,
+                                     needs_b)
+            return *grads, None, None
+        gx, gw, gb = encode_topk_bwd(grad_values, x, W_enc, indices.long(), needs_x, needs_w,
+                                     needs_b)
+        return (gx.to(x.dtype) if gx is not None else None,
+                gw.to(W_enc.dtype) if gw is not None else None,
+                gb.to(ctx.b_dtype) if gb is not None else None, None, None)
+
+
+def encode_at(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, pre: torch.Tensor,
+    indices: torch.Tensor,
+) -> torch.Tensor:
+    """``pre.gather(-1, indices)``, differentiable in ``x``, ``W_enc`` and ``b_enc`` as if
+    ``pre = x @ W_enc + b_enc`` had been computed with autograd, but through TopK's sparse
+    backward: for selections made on a dense, detached ``pre`` (BatchTopK), the ``[L, N, F]``
+    pre-activation gradient and its dense ``x^T @ grad`` GEMM never exist.
+
+    Args:
+        x: ``[L, N, d_in]``; W_enc: ``[L, d_in, F]``; b_enc: ``[L, F]``.
+        pre: ``[L, N, F]`` the pre-activations of exactly these (not differentiated).
+        indices: ``[L, N, K]`` feature ids; every slot gets its gradient (mask padding slots'
+            values to zero so they pass none).
+
+    Returns:
+        ``[L, N, K]`` pre-activations at ``indices``.
+    """
+    L, N, d_in = x.shape
+    if W_enc.shape[:2] != (L, d_in) or b_enc.shape != (L, W_enc.shape[2]) \
+            or pre.shape != (L, N, W_enc.shape[2]) or indices.shape[:2] != (L, N):
+        raise ValueError(
+            f"encode_at: x {tuple(x.shape)}, W_enc {tuple(W_enc.shape)}, b_enc "
+            f"{tuple(b_enc.shape)}, pre {tuple(pre.shape)} and indices {tuple(indices.shape)} "
+            "do not agree on [L, N, d_in] x [L, d_in, F] -> [L, N, F], [L, N, K]"
+        )
+    return EncodeAtFunction.apply(x, W_enc, b_enc, pre.detach(), indices)
+
+
 def encode_topk(
     x: torch.Tensor,
     W_enc: torch.Tensor,

@@ -232,3 +232,22 @@ def test_cuda_main_and_auxk_at_production_blocks(dtype, deterministic):
 def reference_torch_path(sets, W, layout):
     """Each decode separately through the float64 torch path (the reference on CUDA tensors)."""
     return [decode_mod.sparse_decode_torch(v, i, W, b, layout) for v, i, b in sets]
+
+
+def test_zero_slot_grad_off_skips_only_zero_slots(monkeypatch):
+    """``zero_slot_grad=False`` (torch path): value gradients equal the full ones at nonzero
+    slots and are 0 at zero slots (padding); W_dec and b_dec gradients are unchanged."""
+    monkeypatch.setenv("CLT_FORCE_TORCH", "1")
+    layout, main, aux, W_dec, b_dec = make_sets(3, 10, 16, 3, 3, 5, F64)
+    ups = [torch.randn(3, 10, 5, dtype=F64) for _ in range(2)]
+    assert (main[0] == 0).any() and (main[0] != 0).any()
+
+    def decode_many(sets, W, lay):
+        return sparse_decode_many(sets, W, lay, zero_slot_grad=False)
+
+    got = run(decode_many, main, aux, W_dec, b_dec, layout, ups)
+    full = run(sparse_decode_many, main, aux, W_dec, b_dec, layout, ups)
+    for g, f, v in zip(got[1][:2], full[1][:2], (main[0], aux[0]), strict=True):
+        assert_close(g, torch.where(v != 0, f, torch.zeros_like(f)), name="grad values")
+    for g, f in zip(got[1][2:], full[1][2:], strict=True):
+        assert_close(g, f, name="grad W_dec / b_dec")

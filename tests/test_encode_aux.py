@@ -1,4 +1,5 @@
-"""``encode_topk(..., aux=...)``: TopK and AuxK's selection among given columns in one op.
+"""``encode_topk(..., aux=...)``: TopK and AuxK's selection among given columns in one op; and
+``encode_at``: gathered pre-activations with the sparse encoder backward (BatchTopK).
 
 The reference is two plain ops: ``encode_topk`` over all features, and a float64 top-k of the
 gathered columns' pre-activations (``x @ W_enc[:, :, cols] + b``, spare columns at ``-inf``).
@@ -15,7 +16,7 @@ import pytest
 import torch
 from _testing import assert_close
 
-from kernels import buffers, encode_topk
+from kernels import buffers, encode_at, encode_topk
 
 F64, F32 = torch.float64, torch.float32
 
@@ -92,3 +93,29 @@ def test_rejects_bad_aux():
         encode_topk(x, W, b, 3, aux=(cols, spare.long(), 2))
     with pytest.raises(ValueError, match="k_aux"):
         encode_topk(x, W, b, 3, aux=(cols, spare, cols.shape[1] + 1))
+
+
+@pytest.mark.parametrize("dtype, force_torch", [(F64, True), (F32, True), (F32, False)],
+                         ids=["torch-fp64", "torch-fp32", "triton-fp32"])
+def test_encode_at_matches_dense_autograd(dtype, force_torch, monkeypatch):
+    """``encode_at`` (BatchTopK's encoder gradient): values and gradients of x, W_enc, b_enc equal
+    dense autograd through ``pre = x @ W + b`` and a gather, repeated features and all."""
+    if force_torch:
+        monkeypatch.setenv("CLT_FORCE_TORCH", "1")
+    (x, W, b), _, _ = make_problem(dtype=dtype)
+    L, N, _ = x.shape
+    indices = torch.randint(0, W.shape[2], (L, N, 5))
+    indices[:, :, -1] = indices[:, :, 0]  # a feature twice in one row
+    ins = [t.clone().requires_grad_(True) for t in (x, W, b)]
+    with torch.no_grad():
+        pre = torch.baddbmm(b.unsqueeze(1), x, W)
+    got = encode_at(*ins, pre, indices)
+    refs = [t.double().clone().requires_grad_(True) for t in (x, W, b)]
+    want = torch.baddbmm(refs[2].unsqueeze(1), refs[0], refs[1]).gather(-1, indices)
+    assert_close(got, want, name="values")
+    up = torch.randn(got.shape, dtype=F64)
+    for name, g, w in zip(["x", "W_enc", "b_enc"], torch.autograd.grad(got, ins, up.to(dtype)),
+                          torch.autograd.grad(want, refs, up), strict=True):
+        assert_close(g, w, name=f"grad {name}")
+    with pytest.raises(ValueError, match="encode_at"):
+        encode_at(x, W, b, pre[:, :2], indices)
