@@ -113,15 +113,16 @@ def measure(args: argparse.Namespace) -> list[dict]:
 
 def projection(L: int, d: int, F: int, N: int, k: int, gbps: float) -> list[str]:
     """Bytes per rank per step of TP=P at the GPU shape, from the collectives the code issues:
-    input all-gather (x and y), TopK candidate gather (fp32 score + int64 id), two decoder-output
-    all-reduces (main and AuxK decode), AuxK candidate gather; and DP=P's gradient all-reduce."""
+    input all-gather (x and y), TopK candidate gather (fp32 score + int64 id), the decoder-output
+    all-reduce (main and AuxK outputs stacked), AuxK candidate gather; and DP=P's gradient
+    all-reduce."""
     lines = [f"| layout | sent per rank per step | at {gbps:.0f} GB/s |", "|---|---|---|"]
     params = L * d * F + L * F + F * d * L * (L + 1) // 2 + L * d
     for P in (2, 4, 8):
         act = L * N * d * 4
         tp = ((P - 1) / P * 2 * act  # x and y gathered: each rank produced N/P tokens
               + (P - 1) * L * N * k * 12 * 2  # TopK and AuxK candidates
-              + 2 * 2 * (P - 1) / P * act)  # two decoder-output all-reduces
+              + 2 * 2 * (P - 1) / P * act)  # decoder all-reduce of [2, L, N, d_out]
         dp = 2 * (P - 1) / P * params * 4
         for name, sent in ((f"TP={P}", tp), (f"DP={P}", dp)):
             lines.append(f"| {name} | {sent / 2**20:,.0f} MiB | {sent / gbps / 1e6:.1f} ms |")
