@@ -535,9 +535,9 @@ def sparse_decode_bwd_torch(
     nobody read get an empty bag (zeros). It runs in chunks of rows (``CHUNK_BYTES`` of output:
     cache-sized pieces instead of one table-sized temporary) into a buffer from
     ``kernels.buffers`` (last step's gradient where the trainer donated it). Dense-GEMM sources
-    then add their rows as ``A^T @ G_s``. ``grad_values`` are the sampled products
-    ``<G_s[n], W_s[f]>`` at every slot, padding included, with ``G_s [N, R_s * d_out]`` the
-    gradients of the source's targets side by side.
+    then add their rows as ``A^T @ grad_out[t]`` per target. ``grad_values`` are the sampled
+    products ``<G_s[n], W_s[f]>`` at every slot, padding included, with ``G_s [N, R_s * d_out]``
+    the gradients of the source's targets side by side (dense sources: per-target GEMMs).
     """
     L, d_out = layout.n_layers, W_dec.shape[1]
     grad_values: list[torch.Tensor | None] = []
@@ -549,25 +549,30 @@ def sparse_decode_bwd_torch(
             continue
         N, K = values.shape[1:]
         grad_out = grad_out.contiguous()
-        G = grad_out.transpose(0, 1).contiguous()  # [N, L, d_out]
+        G = None  # [N, L, d_out], built for the first gather source (dense ones read grad_out)
         gv = torch.empty_like(values) if need_v else None
         first_row = sum(t.shape[0] for t in tables)  # of this grad_out in the stacked table
         gathers = False
         for s in range(L):
             R_s = layout.reach_of(s)
             W_s = layout.source_view(W_dec, s).flatten(1)  # [F, R_s * d_out]
-            G_s = G[:, s : s + R_s].reshape(N, R_s * d_out)
             v, idx = _source_codes(values, indices, s, W_dec.dtype)
             dense = _dense_columns(idx, K, layout.n_features)
             if dense is not None:
                 cols, pos = dense
                 A = _dense_codes(v, pos, N, cols.numel())  # [N, u]
-                dense_parts.append((s, cols, A, G_s))
-                if need_v:
-                    dots = G_s @ W_s.index_select(0, cols).t()  # [N, u]
+                dense_parts.append((s, cols, A, grad_out))
+                if need_v:  # [N, u]: one GEMM per target, accumulated
+                    W_cols = layout.source_view(W_dec, s).index_select(0, cols)  # [u, R_s, d]
+                    dots = A.new_zeros(N, cols.numel())
+                    for r in range(R_s):
+                        dots.addmm_(grad_out[s + r], W_cols[:, r].t())
                     dots = dots.gather(1, pos.view(N, K))
                     gv[s] = dots if zero_slot_grad else dots * (v.view(N, K) != 0)
                 continue
+            if G is None:
+                G = grad_out.transpose(0, 1).contiguous()
+            G_s = G[:, s : s + R_s].reshape(N, R_s * d_out)
             if need_W:
                 gathers = True
                 live = (v != 0).nonzero().squeeze(1)  # slot ids n * K + j
@@ -592,8 +597,10 @@ def sparse_decode_bwd_torch(
         _bag_rows_into(grad_W, torch.cat(rows), torch.cat(g_rows), torch.cat(weights), table)
     else:  # only dense sources (AuxK)
         grad_W.zero_()
-    for s, cols, A, G_s in dense_parts:
-        layout.source_view(grad_W, s).flatten(1).index_add_(0, cols, A.t() @ G_s)
+    for s, cols, A, grad_out in dense_parts:  # A^T @ grad_out[t] into each target's rows
+        block = layout.source_view(grad_W, s)  # [F, R_s, d_out]
+        for r in range(layout.reach_of(s)):
+            block[:, r].index_add_(0, cols, A.t() @ grad_out[s + r])
     return grad_values, grad_W
 
 
