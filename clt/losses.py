@@ -127,9 +127,48 @@ def tanh_penalty(codes: Codes, dec_norms: torch.Tensor, c: float) -> torch.Tenso
 
 
 def preact_loss(pre: torch.Tensor, theta: torch.Tensor | None, dec_norms: torch.Tensor):
-    """``sum_i relu(theta_i - pre_i) * ||W_dec_i||``; ``theta = 0`` for ReLU."""
-    gap = -pre if theta is None else theta.unsqueeze(1) - pre
-    return (torch.relu(gap) * dec_norms.unsqueeze(1)).sum(dim=-1).mean(dim=-1).sum()
+    """``sum_i relu(theta_i - pre_i) * ||W_dec_i||`` (summed over features, averaged over
+    tokens, summed over layers); ``theta = 0`` for ReLU."""
+    if theta is None:
+        theta = torch.zeros_like(dec_norms)
+    return _PreactLoss.apply(pre, theta, dec_norms)
+
+
+class _PreactLoss(torch.autograd.Function):
+    """:func:`preact_loss` one layer at a time: every temporary is a cache-sized ``[N, F]`` slice
+    and the backward writes one ``pre``-sized gradient. Autograd through ``relu(theta - pre) *
+    norm`` allocates about seven ``[L, N, F]`` tensors (200 MB each at L=12, N=1024,
+    F=4096)."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, norms):
+        ctx.save_for_backward(pre, theta, norms)
+        acc = torch.promote_types(pre.dtype, torch.float32)
+        total = pre.new_zeros((), dtype=acc)
+        for i in range(pre.shape[0]):
+            gap = (theta[i].to(acc) - pre[i]).clamp_min_(0)  # [N, F]
+            total = total + gap.sum(dim=0) @ norms[i].to(acc)
+        return (total / pre.shape[1]).to(torch.promote_types(pre.dtype, norms.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta, norms = ctx.saved_tensors
+        need_pre, need_theta, need_norms = ctx.needs_input_grad
+        acc = torch.promote_types(pre.dtype, torch.float32)
+        g = grad.to(acc) / pre.shape[1]
+        grad_pre = torch.empty_like(pre) if need_pre else None
+        grad_theta = torch.empty_like(theta) if need_theta else None
+        grad_norms = torch.empty_like(norms) if need_norms else None
+        for i in range(pre.shape[0]):
+            gap = theta[i].to(acc) - pre[i]  # [N, F]
+            below = gap > 0
+            if need_pre:  # d/dpre relu(theta - pre) * norm = -norm where theta > pre
+                torch.mul(below, -g * norms[i].to(acc), out=grad_pre[i])
+            if need_theta:
+                grad_theta[i] = g * norms[i].to(acc) * below.sum(dim=0, dtype=acc)
+            if need_norms:
+                grad_norms[i] = g * gap.clamp_min_(0).sum(dim=0)
+        return grad_pre, grad_theta, grad_norms
 
 
 def l0_penalty(pre: torch.Tensor, log_threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:

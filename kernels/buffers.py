@@ -30,14 +30,17 @@ def _key(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> tupl
 
 def donate(t: torch.Tensor) -> None:
     """Offer ``t``'s memory to the next op that needs an output of its shape, dtype and device.
-    Only plain contiguous tensors that own their whole storage are kept (a view would hand out
-    memory that other tensors still read)."""
-    if not t.is_contiguous() or t.requires_grad or t.storage_offset() != 0 \
-            or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+    Only plain contiguous tensors that are not views are kept (a view would hand out memory
+    that other tensors still read). Never touches ``t.untyped_storage()``: its Python object
+    would stay attached to the storage as a second user, and autograd only accumulates a
+    gradient in place into a tensor whose storage has one user (otherwise it adds the next
+    one out of place into a fresh, page-faulting tensor)."""
+    if not t.is_contiguous() or t.requires_grad or t._base is not None \
+            or t.storage_offset() != 0:
         return
     kept = _POOL.setdefault(_key(t.shape, t.dtype, t.device), [])
     if len(kept) < MAX_PER_KEY and all(k.data_ptr() != t.data_ptr() for k in kept):
-        kept.append(t.detach())
+        kept.append(t)
 
 
 def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -804,7 +804,9 @@ class DecoderNormsFunction(torch.autograd.Function):
         per_row = torch.cat([scale[s].repeat_interleave(layout.reach_of(s))
                              for s in range(layout.n_layers)])  # [n_rows]
         out = buffers.empty(W_dec.shape, W_dec.dtype, W_dec.device)
-        return torch.mul(W_dec, per_row.unsqueeze(1).to(W_dec.dtype), out=out), None
+        torch.mul(W_dec, per_row.unsqueeze(1).to(W_dec.dtype), out=out)
+        return out, None  # not mul's return value: an alias of out that autograd would not
+        # accumulate into in place (it sums out-of-place into a fresh W_dec-sized tensor)
 
 
 def decoder_norms(W_dec: torch.Tensor, layout: DecoderLayout) -> torch.Tensor:

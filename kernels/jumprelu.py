@@ -216,8 +216,58 @@ def jumprelu_codes(
     ``dL/da`` that the threshold's STE needs; dropping them (as a plain sparse decode would)
     silently halves the threshold gradient.
     """
+    _check(pre, log_theta, eps)
+    if not _triton_ok(pre, log_theta):
+        return JumpReLUCodesFunction.apply(pre, log_theta, eps)
     a = jumprelu(pre, log_theta, eps)
-    theta = _theta(log_theta.detach())
-    # same arithmetic as _rect: ``pre > theta - eps/2`` rounds differently and can drop an entry
-    # the rectangle holds (e.g. float32 pre == fl(theta - eps/2) with that rounding up)
-    return mask_to_codes(a, pre.detach() - theta > -eps / 2)
+    return mask_to_codes(a, _window(pre.detach(), _theta(log_theta.detach()), eps))
+
+
+def _window(pre: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+    """``[L, N, F]`` bool: the entries the codes hold, ``pre - theta > -eps/2`` (the same
+    arithmetic as ``_rect``: ``pre > theta - eps/2`` rounds differently and can drop an entry the
+    rectangle holds, e.g. float32 pre == fl(theta - eps/2) with that rounding up). One layer at a
+    time: the float difference is a cache-sized [N, F] slice, not a pre-sized temporary."""
+    window = torch.empty(pre.shape, dtype=torch.bool, device=pre.device)
+    for layer in range(pre.shape[0]):
+        torch.gt(pre[layer] - theta[layer], -eps / 2, out=window[layer])
+    return window
+
+
+class JumpReLUCodesFunction(torch.autograd.Function):
+    """Torch path of :func:`jumprelu_codes`, sparse in both directions: the forward packs the
+    window entries of ``pre`` without a dense ``a``, the backward reads only the code slots (the
+    STE is 0 outside the window: ``H = 0`` and ``rect = 0`` there) and writes one dense
+    ``grad_pre``. Dense autograd through ``jumprelu`` and ``mask_to_codes`` allocates about ten
+    ``[L, N, F]`` temporaries (a zeroed scatter target, the masks, ``rect``'s difference, ...):
+    at L=12, N=1024, F=4096 each is a fresh 200 MB."""
+
+    @staticmethod
+    def forward(ctx, pre, log_theta, eps):
+        theta = _theta(log_theta).squeeze(1)  # [L, F]
+        window = _window(pre, theta.unsqueeze(1), eps)
+        picked, indices = mask_to_codes(pre, window)  # [L, N, K], padding 0 / index 0
+        counts = window.sum(dim=-1, dtype=torch.int32)  # [L, N]
+        real = torch.arange(picked.shape[-1], device=pre.device) < counts.unsqueeze(-1)
+        theta_slot = theta.gather(1, indices.flatten(1).long()).view(picked.shape)
+        on = (picked > theta_slot) & real
+        ctx.save_for_backward(picked, indices, theta_slot, theta, real, on)
+        ctx.eps, ctx.shape, ctx.theta_dtype = eps, pre.shape, log_theta.dtype
+        ctx.mark_non_differentiable(indices)
+        return picked * on, indices
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_indices):
+        picked, indices, theta_slot, theta, real, on = ctx.saved_tensors
+        idx = indices.long()
+        grad_pre = grad_log_theta = None
+        if ctx.needs_input_grad[0]:  # dH/dpre = 0 a.e.: the gradient of the active entries
+            grad_pre = grad_values.new_zeros(ctx.shape)
+            grad_pre.scatter_add_(2, idx, grad_values * on)  # padding adds 0 to feature 0
+        if ctx.needs_input_grad[1]:  # -(theta / eps) * rect * g, chained through exp
+            rect = ((picked - theta_slot).abs() < ctx.eps / 2) & real
+            dtheta = -(theta_slot / ctx.eps) * rect * grad_values.to(theta_slot.dtype)
+            summed = theta.new_zeros(theta.shape).scatter_add_(1, idx.flatten(1),
+                                                               dtheta.flatten(1))
+            grad_log_theta = (summed * theta).to(ctx.theta_dtype)
+        return grad_pre, grad_log_theta, None

@@ -167,12 +167,14 @@ def test_donated_buffer_becomes_the_gradient(force_torch, monkeypatch):
     layout, main, aux, W_dec, b_dec = make_sets(3, 10, 16, 3, 3, 5, F32)
     W = leaf(W_dec)
     donated = torch.full_like(W_dec, float("nan"))
+    ptr = donated.data_ptr()
     buffers.donate(donated)
+    del donated  # the donor's contract: no other reference (autograd would copy, not adopt it)
     assert buffers.pooled() == 1
     outs = sparse_decode_many([(main[0], main[1], b_dec), (aux[0], aux[1], None)], W, layout)
     (outs[0].square().sum() + outs[1].sum()).backward()
     assert buffers.pooled() == 0
-    assert W.grad.data_ptr() == donated.data_ptr()
+    assert W.grad.data_ptr() == ptr
     ref_W = leaf(W_dec)
     refs = reference(layout)([(main[0], main[1], b_dec), (aux[0], aux[1], None)], ref_W, layout)
     (refs[0].square().sum() + refs[1].sum()).backward()

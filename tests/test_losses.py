@@ -76,6 +76,9 @@ def test_preact_loss_formula(with_theta):
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     (grad,) = torch.autograd.grad(loss, pre)
     torch.testing.assert_close(grad, -(pre.detach() < t[:, None]).double() * norms[:, None] / N)
+    # every input's gradient (the hand-written backward) against finite differences
+    args = (pre, t.clone().requires_grad_(True), norms.clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda p, th, nm: preact_loss(p, th, nm), args)
 
 
 def test_sparsity_ramp():

@@ -775,6 +775,29 @@ def test_jumprelu_codes_decode_matches_dense(L, N, F, R, d_out, pre_dtype, theta
     assert (g_lt.to(F64) - want[1]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("force_torch", [True, False], ids=["torch", "auto"])
+def test_jumprelu_codes_fp32_sparse_torch_path(force_torch, monkeypatch):
+    """float32 codes through the torch path's sparse backward (``CLT_FORCE_TORCH``) and through
+    the default dispatch: value and gradients of pre and log_theta as the float64 reference."""
+    if force_torch:
+        monkeypatch.setenv("CLT_FORCE_TORCH", "1")
+    L, N, F = 3, 8, 16
+    pre0, log_theta0 = make_jump(L, N, F, F32, F32)
+    ins = [leaf(pre0), leaf(log_theta0)]
+    values, indices = jumprelu_codes(ins[0], ins[1], EPS)
+    up = torch.randn(values.shape, dtype=F64)
+    got = grads(values, ins, up.to(F32))
+    refs = [leaf(t, F64) for t in ins]
+    theta = refs[1].detach().exp().unsqueeze(1)
+    held = (pre0.to(F64) - theta > -EPS / 2).sum(-1, keepdim=True)  # window entries per row
+    real = torch.arange(values.shape[-1]) < held  # padding slots pass no gradient
+    expected = ref_jumprelu(refs[0], refs[1], EPS).gather(-1, indices.long()) * real
+    want = grads(expected, refs, up)
+    assert_close(values, expected.detach(), name="values")
+    for name, g, w in zip(["pre", "log_theta"], got, want, strict=True):
+        assert_close(g, w, name=f"grad {name}")
+
+
 def test_jumprelu_codes_window_edge_matches_rect():
     # pre exactly at float32(theta - eps/2) where that rounds up: the STE rectangle
     # |pre - theta| < eps/2 holds (pre - theta is exact), so the codes must hold the entry

@@ -106,40 +106,58 @@ def test_gradient_accumulation_matches_one_big_batch():
         torch.testing.assert_close(a, b, msg=f"parameter {name} differs")
 
 
-@pytest.mark.parametrize("kind", ["topk", "batchtopk"])
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "jumprelu"])
 def test_recycled_gradients_reuse_memory_and_change_nothing(kind, monkeypatch):
-    """``train_step`` donates last step's gradients (``recycle_grads``): the decoder gradient is
-    written into the same memory every step (and, for TopK, the encoder's), and four steps with
-    AuxK running give bitwise the parameters of plain ``zero_grad(set_to_none=True)``."""
+    """``train_step`` donates last step's gradients (``recycle_grads``): from the second step on
+    the final ``W_dec`` and ``W_enc`` gradients are donated memory handed out by
+    ``kernels.buffers`` (so where two ops produce a ``W_dec`` gradient, JumpReLU's decode and
+    decoder norms, autograd accumulated into the recycled one in place instead of adding into a
+    fresh tensor), and four steps (AuxK or the JumpReLU penalties running) give bitwise the
+    parameters of plain ``zero_grad(set_to_none=True)``."""
     import clt.trainer as trainer_mod
+    import kernels
+
+    handed_out: set[int] = set()
+    empty = kernels.buffers.empty
+
+    def recording_empty(shape, dtype, device):
+        before = kernels.buffers.pooled()
+        t = empty(shape, dtype, device)
+        if kernels.buffers.pooled() < before:
+            handed_out.add(t.data_ptr())
+        return t
 
     def run(recycle: bool):
+        monkeypatch.setattr(kernels.buffers, "empty", recording_empty)
         if not recycle:
             monkeypatch.setattr(trainer_mod, "recycle_grads",
                                 lambda model: [setattr(p, "grad", None)
                                                for p in model.parameters()])
+        loss = {"dead_tokens": 1}  # every unfired feature counts as dead: AuxK runs
+        if kind == "jumprelu":
+            loss = {"sparsity_coef": 0.5, "sparsity_warmup_steps": 0, "preact_coef": 1e-3}
         cfg = planted_config(kind, train={"steps": 4, "batch_tokens": 64, "warmup_steps": 0},
-                             loss={"dead_tokens": 1})  # every unfired feature counts as dead
+                             loss=loss)
         torch.manual_seed(0)
         model = build_model(cfg, 32, 32, torch.device("cpu"))
         data = PlantedDictionary(**cfg.data.synthetic.model_dump())
         optimizer = build_optimizer(model, cfg.train)
         scheduler = build_scheduler(optimizer, cfg.train)
         batches = iter(lambda: data.next_batch(64), None)
-        ptrs = []
         for step in range(4):
+            handed_out.clear()
             metrics = train_step(model, optimizer, scheduler, batches, loss_weights(cfg), step,
                                  cfg.train)
-            assert "loss/auxk" in metrics or step == 0  # nothing has been dead for a token yet
-            ptrs.append((model.W_dec.grad.data_ptr(), model.W_enc.grad.data_ptr()))
+            assert kind == "jumprelu" or "loss/auxk" in metrics or step == 0  # none dead yet
+            if recycle and step > 0:
+                assert model.W_dec.grad.data_ptr() in handed_out, "W_dec grad not recycled"
+                if kind == "topk":  # one encoder op; BatchTopK's AuxK encoder gradient is a
+                    # second W_enc-sized one (a gather's), JumpReLU's the dense GEMM's own
+                    assert model.W_enc.grad.data_ptr() in handed_out, "W_enc grad not recycled"
         monkeypatch.undo()
         monkeypatch.setenv("CLT_FORCE_TORCH", "1")
-        return model, ptrs
+        return model
 
-    recycled, ptrs = run(True)
-    plain, _ = run(False)
-    assert len({p[0] for p in ptrs[1:]}) == 1, "the decoder gradient moved between steps"
-    if kind == "topk":
-        assert len({p[1] for p in ptrs[1:]}) == 1, "the encoder gradient moved between steps"
+    recycled, plain = run(True), run(False)
     for (name, a), b in zip(recycled.named_parameters(), plain.parameters(), strict=True):
         assert torch.equal(a, b), f"parameter {name} differs"
