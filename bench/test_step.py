@@ -232,7 +232,8 @@ def dense_loss(p: SimpleNamespace) -> tuple[torch.Tensor, Callable[[], None]]:
 
 def train_step(p: SimpleNamespace, loss_fn) -> None:
     """``clt.trainer.train_step`` without the scheduler and the metrics (one micro-batch); the
-    dense baseline runs through it too (none of its ops take a recycled buffer)."""
+    dense baseline runs through it too (its own ops allocate as they always did; only the shared
+    loss helpers, e.g. the decoder norms' backward, take a recycled buffer)."""
     recycle_grads(p.model)  # the trainer's zero_grad: on the host it donates last step's grads
     loss, update_dead = loss_fn(p)
     loss.backward()
