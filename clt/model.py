@@ -369,17 +369,17 @@ class CrossLayerTranscoder(nn.Module):
             return self.encode(x), None if dead is None else self.auxk_codes(x, dead, k_aux)
         self._check_inputs(x)
         n_dead = int(dead.sum(dim=1).max())
-        pre, idx, aux_pre, aux_idx = self.topk_candidates(x, dead, min(k_aux, n_dead))
+        scale = self.decoder_norms() if self.rank_by_decoder_norm else None
+        pre, idx, aux_pre, aux_idx = self.topk_candidates(x, dead, min(k_aux, n_dead), scale)
         aux = None if n_dead == 0 else Codes(torch.relu(aux_pre), aux_idx)
         return Codes(torch.relu(pre), idx), aux
 
     def topk_candidates(
-        self, x: torch.Tensor, dead: torch.Tensor, K: int
+        self, x: torch.Tensor, dead: torch.Tensor, K: int, scale: torch.Tensor | None
     ) -> tuple[torch.Tensor, ...]:
-        """TopK's pre-activations and indices over this module's features, and the
-        :meth:`auxk_candidates` ``(pre, indices)`` with ``K`` slots (``K = 0``: no AuxK), in one
-        ``kernels.encode_topk`` call."""
-        scale = self.decoder_norms() if self.rank_by_decoder_norm else None
+        """TopK's pre-activations and indices over this module's features (ranked by ``pre *
+        scale`` where a ``[L, F]`` scale is given), and the :meth:`auxk_candidates` ``(pre,
+        indices)`` with ``K`` slots (``K = 0``: no AuxK), in one ``kernels.encode_topk`` call."""
         k = min(self.k, self.n_features)
         D = int(dead.sum(dim=1).max()) if K > 0 else 0
         if D == 0:

@@ -316,8 +316,8 @@ class ShardedCLT(CrossLayerTranscoder):
         self._check_inputs(x)
         n_dead = self.mesh.tp_sum(dead.sum(dim=1))  # [L] dead features of the full model
         K = min(k_aux, int(n_dead.max()))  # the same on every rank: so are the collectives
-        pre, idx, aux_pre, aux_idx = self.topk_candidates(x, dead, K)
         scale = self.decoder_norms() if self.rank_by_decoder_norm else None
+        pre, idx, aux_pre, aux_idx = self.topk_candidates(x, dead, K, scale)
         codes = self._global_topk(pre, idx, scale)
         return codes, None if K == 0 else self._global_auxk(aux_pre, aux_idx, n_dead, K)
 

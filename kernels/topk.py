@@ -436,17 +436,7 @@ class EncodeTopKFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values, _grad_indices, grad_aux=None, _grad_aux_indices=None):
         x, W_enc, indices, *aux = ctx.saved_tensors
-        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-        if ctx.triton_bwd:
-            gx, gw, gb = encode_topk_bwd(grad_values, x, W_enc, indices, needs_x, needs_w, needs_b)
-            grads = [
-                gx.to(x.dtype) if gx is not None else None,
-                gw.to(W_enc.dtype) if gw is not None else None,
-                gb.to(ctx.b_dtype) if gb is not None else None,
-            ]
-        else:
-            grads = list(_encode_topk_bwd(grad_values, x, W_enc, indices, needs_x, needs_w,
-                                          needs_b))
+        grads = _encoder_grads(ctx, grad_values, x, W_enc, indices)
         if aux and grad_aux is not None:
             _add_aux_grads(grads, grad_aux, x, W_enc, *aux)
         return *grads, None, None, None, None, None, None
@@ -495,16 +485,19 @@ class EncodeAtFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values):
         x, W_enc, indices = ctx.saved_tensors
-        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-        if not ctx.triton_bwd:
-            grads = _encode_topk_bwd(grad_values, x, W_enc, indices.long(), needs_x, needs_w,
-                                     needs_b)
-            return *grads, None, None
-        gx, gw, gb = encode_topk_bwd(grad_values, x, W_enc, indices.long(), needs_x, needs_w,
-                                     needs_b)
-        return (gx.to(x.dtype) if gx is not None else None,
-                gw.to(W_enc.dtype) if gw is not None else None,
-                gb.to(ctx.b_dtype) if gb is not None else None, None, None)
+        return *_encoder_grads(ctx, grad_values, x, W_enc, indices.long()), None, None
+
+
+def _encoder_grads(ctx, grad_values, x, W_enc, indices) -> list[torch.Tensor | None]:
+    """``[grad_x, grad_W_enc, grad_b_enc]`` (None where not needed) of values gathered at
+    ``indices`` from ``x @ W_enc + b_enc``: the Triton sparse backward (fp32 results cast to the
+    inputs' dtypes) or the torch path, as ``ctx.triton_bwd`` says."""
+    needs = ctx.needs_input_grad[:3]
+    if not ctx.triton_bwd:
+        return list(_encode_topk_bwd(grad_values, x, W_enc, indices, *needs))
+    grads = encode_topk_bwd(grad_values, x, W_enc, indices, *needs)
+    return [None if g is None else g.to(dtype)
+            for g, dtype in zip(grads, (x.dtype, W_enc.dtype, ctx.b_dtype), strict=True)]
 
 
 def encode_at(
