@@ -139,7 +139,7 @@ class CrossLayerTranscoder(nn.Module):
     ``log_threshold [L, F]`` (float32 even when the rest is bf16) and with ``skip=True`` a linear
     skip connection ``W_skip [L, d_in, d_out]`` (zero at init: ``yhat[t] += x[t] @ W_skip[t]``).
     ``prefix_bounds``: Matryoshka prefixes, the feature counts ``F_1 < ... < F_G = F`` of the
-    nested dictionaries whose reconstructions :meth:`prefix_outputs` returns.
+    nested dictionaries whose reconstructions :meth:`outputs` returns.
     Buffers: the standardizer, ``tokens_since_fired [L, F]`` and, for BatchTopK, the EMA
     ``threshold`` used at inference.
     """
@@ -298,11 +298,6 @@ class CrossLayerTranscoder(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Codes]:
         codes = self.encode(x)
         return self.outputs(x, codes)[0][-1], codes
-
-    def prefix_outputs(self, x: torch.Tensor, codes: Codes) -> list[torch.Tensor]:
-        """Reconstructions ``[L, N, d_out]`` of the nested prefixes (Matryoshka), smallest first;
-        the last is the full output."""
-        return self.outputs(x, codes)[0]
 
     def outputs(
         self, x: torch.Tensor, codes: Codes, aux: Codes | None = None
