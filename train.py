@@ -17,6 +17,7 @@ rank failed, 2 bad config, command line or checkpoint.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,16 +28,18 @@ from tqdm import tqdm
 from clt.checkpoint import (
     CheckpointError,
     TrainingState,
-    check_compatible,
-    latest_checkpoint,
-    list_checkpoints,
+    clean_run_dir,
+    latest_good_checkpoint,
     load_checkpoint,
+    resume_changes,
 )
-from clt.config import main_config
-from clt.data import build_source
+from clt.config import main_config, save_config
+from clt.data import DataError, build_source
+from clt.data.cache import CacheError
 from clt.evaluate import MODES, evaluate_run, format_table
 from clt.parallel import GradSync, Mesh, ShardedSource, init_mesh, shutdown
 from clt.plots import plot_feature_density, plot_layer_metrics
+from clt.runs import RunDirError, RunLock, claim_existing, claim_new
 from clt.trainer import (
     FiringCounter,
     MetricsLog,
@@ -46,16 +49,47 @@ from clt.trainer import (
     evaluate,
     frequency_histogram,
     loss_weights,
-    make_run_dir,
+    new_run_dir,
+    nonfinite_weights,
     resolve_device,
+    retune_optimizer,
     standardized_batches,
     train_step,
 )
+
+# what the divergence check watches, in the order of train_step's "nonfinite" flags
+DIVERGENCE_CHECKS = ("loss", "gradient norm", "weights")
 
 
 def fail(message: str, status: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(status)
+
+
+def last_good_checkpoint(run_dir: Path) -> str:
+    try:
+        return str(latest_good_checkpoint(run_dir, load=False)[0])
+    except CheckpointError:
+        return "none"
+
+
+def stop_if_diverged(flags: torch.Tensor, step: int, run_dir: Path) -> None:
+    """Exit 1 if any divergence flag is set, naming what diverged and the last checkpoint that
+    verifies (nothing is saved after the divergence)."""
+    names = [name for name, flag in zip(DIVERGENCE_CHECKS, flags.tolist(), strict=True) if flag > 0]
+    if names:
+        fail(f"training diverged: the {' and the '.join(names)} became NaN or inf at or before "
+             f"step {step}; stopped without saving. Last good checkpoint: "
+             f"{last_good_checkpoint(run_dir)} (resume it with a lower train.lr)", status=1)
+
+
+def heldout_batches(source, cfg) -> list:
+    """The evaluation tokens, or a clear error naming the fields when the split is too small."""
+    try:
+        return source.heldout_batches(cfg.eval.tokens)
+    except ValueError as exc:
+        raise DataError(f"eval.tokens = {cfg.eval.tokens} held-out tokens cannot be served: "
+                        f"{exc} (lower eval.tokens or raise data.lm.heldout_fraction)") from None
 
 
 def profiler(run_dir: Path, steps: int, device: torch.device, mesh: Mesh):
@@ -92,31 +126,91 @@ def main(argv: list[str] | None = None) -> None:
         mesh = init_mesh(cfg.parallel.tensor, cfg.parallel.data, cfg.parallel.timeout_s)
     except ValueError as exc:
         fail(str(exc))
+    lock = None
     try:
-        train(cfg, args, mesh)
+        run_dir, lock = claim_run_dir(cfg, args, mesh)
+        train(cfg, args, mesh, run_dir)
+    except (RunDirError, CheckpointError, CacheError, DataError) as exc:
+        fail(rank_prefix(mesh) + str(exc))
+    except OSError as exc:  # a full disk, a folder that became unwritable, ...
+        what = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        fail(f"{rank_prefix(mesh)}{what}; checkpoints written before are intact", status=1)
     except Exception as exc:
         if mesh.world_size > 1:  # name the rank: the other ranks only see a broken collective
-            print(f"error: rank {mesh.rank} of {mesh.world_size} failed: "
-                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"error: {rank_prefix(mesh)}{type(exc).__name__}: {exc}", file=sys.stderr)
         raise
     finally:
+        if lock is not None:
+            lock.release()
         shutdown(mesh)
 
 
-def train(cfg, args, mesh: Mesh) -> None:
+def rank_prefix(mesh: Mesh) -> str:
+    return f"rank {mesh.rank} of {mesh.world_size}: " if mesh.world_size > 1 else ""
+
+
+def claim_run_dir(cfg, args, mesh: Mesh) -> tuple[Path, RunLock | None]:
+    """Lock the run folder before anything loads (rank 0; the others learn the outcome): a new
+    run takes an absent or empty folder, a resume an existing one, cleaned of what an
+    interrupted writer left. A second trainer on the same folder is refused here."""
+    error = lock = run_dir = None
+    if mesh.is_main:
+        run_dir = Path(args.resume) if args.resume else new_run_dir(cfg)
+        try:
+            if args.resume:
+                lock = claim_existing(run_dir)
+                removed = clean_run_dir(run_dir)
+                if removed:
+                    print(f"removed {', '.join(removed)} (left by an interrupted run) from "
+                          f"{run_dir}", file=sys.stderr)
+            else:
+                lock = claim_new(run_dir)
+                save_config(cfg, run_dir / "config.json")
+        except RunDirError as exc:
+            error = str(exc)
+    error, run_dir = mesh.broadcast_object((error, str(run_dir)))
+    if error is not None:
+        raise RunDirError(error)
+    return Path(run_dir), lock
+
+
+def resume_state(cfg, run_dir: Path, mesh: Mesh):
+    """``(path, state, changes)`` of the newest checkpoint that verifies (rank 0 chooses, newer
+    corrupted ones are skipped with a warning) and the config fields this resume changes."""
+    path = None
+    if mesh.is_main:
+        try:
+            path = latest_good_checkpoint(run_dir, warn=lambda m: print(m, file=sys.stderr),
+                                          load=False)[0]
+        except CheckpointError as exc:
+            path = exc
+    path = mesh.broadcast_object(path)
+    if isinstance(path, CheckpointError):
+        raise CheckpointError(str(path))
+    state = load_checkpoint(path, verify=False)  # verified above
+    changes = resume_changes(state["config"], cfg, path)
+    if state["step"] >= cfg.train.steps:
+        raise CheckpointError(f"{path} is at step {state['step']} and train.steps is "
+                              f"{cfg.train.steps}: nothing to train (add --set train.steps=N "
+                              f"with N > {state['step']} to continue)")
+    return path, state, changes
+
+
+def train(cfg, args, mesh: Mesh, run_dir: Path) -> None:
     tcfg = cfg.train
     resume = path = None
+    changes: dict = {}
     if args.resume:
-        try:
-            path = latest_checkpoint(Path(args.resume))
-            resume = load_checkpoint(path)
-            check_compatible(resume["config"], cfg, path)
-        except CheckpointError as exc:
-            fail(str(exc))
+        path, resume, changes = resume_state(cfg, run_dir, mesh)
     torch.manual_seed(tcfg.seed + mesh.tp_rank)  # feature shards differ, replicas agree
 
     device = resolve_device(tcfg.device)
-    source = build_source(cfg, device, shard=(mesh.rank, mesh.world_size))
+    try:
+        source = build_source(cfg, device, shard=(mesh.rank, mesh.world_size))
+    except CacheError:
+        raise
+    except ValueError as exc:
+        raise DataError(f"data: {exc}") from None
     if mesh.tp_size > 1:
         source = ShardedSource(source, mesh)
     model = build_model(cfg, source.d_in, source.d_out, device, mesh)
@@ -127,25 +221,28 @@ def train(cfg, args, mesh: Mesh) -> None:
             iter(lambda: source.next_batch(fit_batch), None), cfg.data.standardize_tokens
         )
         mesh.broadcast_(model.standardizer.buffers())  # one set of statistics for every rank
-    heldout = source.heldout_batches(cfg.eval.tokens)
+    heldout = heldout_batches(source, cfg)
     optimizer = build_optimizer(model, tcfg)
     scheduler = build_scheduler(optimizer, tcfg)
     scaler = torch.amp.GradScaler(device.type) if tcfg.mixed_precision == "fp16" else None
     counter = FiringCounter(model.n_layers, model.n_features, device)
     state = TrainingState(model, optimizer, scheduler, counter, scaler, source)
     first_step = 1
-    if resume is not None:
-        try:  # standardization statistics come from the checkpoint, never re-estimated
-            first_step = state.restore(resume, path, cfg.model.n_features, mesh)
-        except CheckpointError as exc:
-            fail(str(exc))
-    run_dir = Path(args.resume) if args.resume else make_run_dir(cfg) if mesh.is_main else None
-    run_dir = Path(mesh.broadcast_object(str(run_dir)))
+    if resume is not None:  # standardization statistics come from the checkpoint
+        first_step = state.restore(resume, path, cfg.model.n_features, mesh)
+        if any(name.startswith("train.") for name in changes):
+            retune_optimizer(optimizer, scheduler, tcfg)
     weights = loss_weights(cfg)
     batches = standardized_batches(model, source,
                                    tcfg.batch_tokens // tcfg.grad_accum // mesh.dp_size)
     grad_sync = GradSync(model.parameters(), mesh) if mesh.dp_size > 1 else None
     log = MetricsLog(run_dir, cfg, write=mesh.is_main)
+    if changes and mesh.is_main:  # the run's config says what it now trains with
+        cfg.logging = cfg.logging.model_copy(
+            update={"run_dir": str(run_dir.parent), "run_name": run_dir.name})
+        save_config(cfg, run_dir / "config.json")
+        log.note(first_step - 1, "resume", {k: list(v) for k, v in changes.items()})
+        print("resume changes " + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changes.items()))
     n_params = sum(p.numel() for p in model.parameters())
     if mesh.is_main:
         print(f"run {run_dir}: L={model.n_layers} d_in={model.d_in} d_out={model.d_out} "
@@ -154,7 +251,7 @@ def train(cfg, args, mesh: Mesh) -> None:
               f", standardized on {int(model.standardizer.n_tokens)} tokens, from step "
               f"{first_step}; processes: tensor={mesh.tp_size} x data={mesh.dp_size}")
 
-    nonfinite = torch.zeros((), device=device)
+    nonfinite = torch.zeros(len(DIVERGENCE_CHECKS), device=device)  # loss, grad norm, weights
     eval_metrics: dict[str, float] = {}
     start = time.perf_counter()
     steps = range(first_step, tcfg.steps + 1)
@@ -171,10 +268,9 @@ def train(cfg, args, mesh: Mesh) -> None:
                 last = step == tcfg.steps
                 check_now = last or any(step % every == 0 for every in
                                         (cfg.logging.every, cfg.eval.every, cfg.checkpoint.every))
-                if check_now and mesh.world_max(nonfinite).item() > 0:
-                    good = list_checkpoints(run_dir)
-                    fail(f"the loss became NaN or inf at or before step {step}; stopped without "
-                         f"saving. Last good checkpoint: {good[-1] if good else 'none'}", status=1)
+                if check_now:  # one host sync per check, never a checkpoint of a diverged run
+                    nonfinite[-1] += nonfinite_weights(model)
+                    stop_if_diverged(mesh.world_max(nonfinite), step, run_dir)
                 if step % cfg.logging.every == 0 or last:
                     tokens = (step - first_step + 1) * tcfg.batch_tokens
                     metrics = mesh.dp_mean_metrics(metrics)
@@ -194,6 +290,11 @@ def train(cfg, args, mesh: Mesh) -> None:
                     plots = write_plots(run_dir, step, held_out) if mesh.is_main else {}
                     held_out.pop("eval/freq", None)
                     eval_metrics = log.log(step, held_out, images=plots)
+                    if not math.isfinite(eval_metrics["eval/fvu_total"]):
+                        fail(f"training diverged: the held-out FVU is "
+                             f"{eval_metrics['eval/fvu_total']} at step {step}; stopped without "
+                             f"saving. Last good checkpoint: {last_good_checkpoint(run_dir)}",
+                             status=1)
                     if mesh.is_main:
                         progress.write(f"step {step}: held-out FVU "
                                        f"{eval_metrics['eval/fvu_total']:.4f}, L0 "

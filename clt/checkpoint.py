@@ -8,16 +8,27 @@ Two layouts, both read by :func:`load_checkpoint` into the same single-model dic
   optimizer moments and firing counter, written by data-parallel replica 0) and one
   ``rank{g}.pt`` per process (its data position and RNG). Loading merges the shards into the
   full model, so a checkpoint resumes on any number of ranks and exports as one model.
-Both appear atomically (written under ``.tmp``, then renamed).
+Both appear atomically: written under a temp name unique to the writer (``.step_...tmp``, never
+a checkpoint candidate), then renamed. Every file carries a sha256: a single file in its sidecar
+``step_XXXXXXXX.pt.sha256`` (``sha256sum -c`` format), a folder's files in ``manifest.json``,
+written last. Loading verifies them; :func:`latest_good_checkpoint` falls back past a corrupted
+checkpoint and says why. Rotation renames a folder out of the candidates before deleting it, and
+:func:`clean_run_dir` removes what a killed writer or rotation left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import os
 import random
+import re
 import shutil
 import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +48,13 @@ from .parallel import (
     shard_parameters,
 )
 
-PATTERN = "step_*.pt"
 SHARDED_FORMAT = "clt-sharded-checkpoint/1"
+# a checkpoint's name: step_XXXXXXXX.pt (one file) or step_XXXXXXXX (a sharded folder)
+CHECKPOINT_NAME = re.compile(r"step_(\d{8})(\.pt)?")
+SUM_SUFFIX = ".sha256"
+# what a killed writer or rotation leaves: unique temp names, folders renamed for deletion, and
+# the fixed temp names of earlier versions (step_XXXXXXXX.pt.tmp, step_XXXXXXXX.tmp/)
+LEFTOVER = re.compile(r"\.step_\d{8}.*\.(tmp|deleting)|step_\d{8}(\.pt)?\.tmp")
 
 # Config fields that fix parameter shapes or the meaning of the weights: a checkpoint can only
 # be resumed under a config that agrees on all of them.
@@ -59,20 +75,82 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return run_dir / f"step_{step:08d}.pt"
 
 
-def _write(obj: Any, path: Path) -> None:
-    """``torch.save`` through a temp file, fsync and rename (a kill mid-write loses nothing)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+class _HashingWriter(io.RawIOBase):
+    """A write-only file object that hashes what passes through (``torch.save`` writes its
+    zip archive sequentially, so the digest is the file's)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha = f, hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        return self.f.write(b)
+
+
+def _save_tmp(obj: Any, path: Path) -> tuple[Path, str]:
+    """``torch.save`` to a temp name unique to this writer beside ``path``, fsynced; returns it
+    and the file's sha256. A failure (e.g. a full disk) removes the partial file and re-raises
+    the ``OSError`` naming ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer = _HashingWriter(f)
+            torch.save(obj, writer)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and not exc.filename:
+            exc.filename = str(path)
+        raise
+    return Path(tmp), writer.sha.hexdigest()
+
+
+def _write(obj: Any, path: Path) -> str:
+    """``torch.save`` atomically (a kill mid-write loses nothing); returns the sha256."""
+    tmp, digest = _save_tmp(obj, path)
     os.replace(tmp, path)
+    return digest
+
+
+def _write_text(text: str, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    return sha.hexdigest()
 
 
 def save_checkpoint(run_dir: Path, step: int, keep_last: int, state: dict) -> Path:
-    """Write ``step_{step}.pt`` atomically, then delete all but the newest ``keep_last``."""
+    """Write ``step_{step}.pt`` atomically, its checksum sidecar before it appears, then delete
+    all but the newest ``keep_last``."""
     path = checkpoint_path(run_dir, step)
-    _write(state, path)
+    tmp, digest = _save_tmp(state, path)
+    try:
+        _write_text(f"{digest}  {path.name}\n", path.with_name(path.name + SUM_SUFFIX))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.replace(tmp, path)
     _rotate(run_dir, keep_last)
     return path
 
@@ -81,24 +159,28 @@ def save_sharded_checkpoint(
     run_dir: Path, step: int, keep_last: int, mesh: Mesh, manifest: dict,
     common: dict, shard: dict, rank_state: dict,
 ) -> Path:
-    """Collective: every rank of ``mesh`` calls it. Writes the folder layout described above."""
+    """Collective: every rank of ``mesh`` calls it. Writes the folder layout described above
+    into a temp folder whose manifest (with every file's sha256) is written last, then renames
+    it into place."""
     final = run_dir / f"step_{step:08d}"
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = None
     if mesh.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    mesh.barrier()
+        tmp = tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=run_dir)
+    tmp = Path(mesh.broadcast_object(tmp))
+    digests = {}
     if mesh.dp_rank == 0:
-        _write(shard, tmp / f"tp{mesh.tp_rank}.pt")
-    _write(rank_state, tmp / f"rank{mesh.rank}.pt")
-    mesh.barrier()
+        digests[f"tp{mesh.tp_rank}.pt"] = _write(shard, tmp / f"tp{mesh.tp_rank}.pt")
+    digests[f"rank{mesh.rank}.pt"] = _write(rank_state, tmp / f"rank{mesh.rank}.pt")
+    every = mesh.gather_objects(digests)  # also the barrier: every shard is on disk
     if mesh.is_main:
-        _write(common, tmp / "common.pt")
+        digests = {"common.pt": _write(common, tmp / "common.pt")}
+        for part in every:
+            digests.update(part)
         manifest = {"format": SHARDED_FORMAT, "step": step, "tensor": mesh.tp_size,
-                    "data": mesh.dp_size, **manifest}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+                    "data": mesh.dp_size, **manifest, "sha256": dict(sorted(digests.items()))}
+        _write_text(json.dumps(manifest, indent=1), tmp / "manifest.json")
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
         _rotate(run_dir, keep_last)
     mesh.barrier()
@@ -106,15 +188,50 @@ def save_sharded_checkpoint(
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Every complete checkpoint of a run folder, oldest first (files and sharded folders)."""
-    found = [p for p in Path(run_dir).glob("step_*")
-             if (p.is_file() and p.suffix == ".pt") or (p / "manifest.json").is_file()]
+    """Every complete checkpoint of a run folder, oldest first: ``step_XXXXXXXX.pt`` files and
+    ``step_XXXXXXXX/`` folders with a manifest (temp and half-deleted ones never count)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if CHECKPOINT_NAME.fullmatch(p.name)
+             and (p.is_file() if p.suffix == ".pt" else (p / "manifest.json").is_file())]
     return sorted(found, key=lambda p: p.name.removesuffix(".pt"))
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint so that no kill leaves a half of it that looks complete: a folder is
+    first renamed out of the candidates, a file goes before its checksum."""
+    if path.is_dir():
+        trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".deleting",
+                                      dir=path.parent))
+        os.replace(path, trash)
+        shutil.rmtree(trash)
+    else:
+        path.unlink()
+        path.with_name(path.name + SUM_SUFFIX).unlink(missing_ok=True)
 
 
 def _rotate(run_dir: Path, keep_last: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        _discard(old)
+
+
+def clean_run_dir(run_dir: Path) -> list[str]:
+    """Remove what a killed writer or rotation left in ``run_dir`` (temp files and folders,
+    folders renamed for deletion, checksums without their checkpoint, checkpoint-named folders
+    without a manifest). Only safe while holding the run's lock. Returns the names removed."""
+    run_dir = Path(run_dir)
+    removed = []
+    for p in sorted(run_dir.iterdir()):
+        name = p.name
+        orphan_sum = (name.endswith(SUM_SUFFIX) and CHECKPOINT_NAME.fullmatch(name[:-7])
+                      and not p.with_name(name[:-7]).is_file())
+        incomplete = (CHECKPOINT_NAME.fullmatch(name) and p.is_dir()
+                      and not (p / "manifest.json").is_file())
+        if LEFTOVER.fullmatch(name) or orphan_sum or incomplete:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            removed.append(name)
+    return removed
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -124,6 +241,61 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
+def verify_checkpoint(path: Path) -> bool:
+    """Check every file of a checkpoint against its recorded sha256. Raises ``CheckpointError``
+    naming the file that differs or is missing; returns False for a checkpoint written before
+    checksums existed (nothing to verify), True when verified."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            recorded = json.loads((path / "manifest.json").read_text()).get("sha256")
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path}: unreadable manifest.json: {exc}") from None
+        if recorded is None:
+            return False
+    else:
+        sidecar = path.with_name(path.name + SUM_SUFFIX)
+        if not sidecar.is_file():
+            return False
+        try:
+            recorded = {path.name: sidecar.read_text().split()[0]}
+        except (OSError, IndexError) as exc:
+            raise CheckpointError(f"checkpoint {path}: unreadable {sidecar.name}: {exc}") from None
+        path = path.parent
+    for name, digest in recorded.items():
+        try:
+            actual = sha256_file(path / name)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint file {path / name} cannot be read: "
+                                  f"{exc.strerror}") from None
+        if actual != digest:
+            raise CheckpointError(f"checkpoint file {path / name} is corrupted (its sha256 "
+                                  "differs from the one recorded when it was written)")
+    return True
+
+
+def latest_good_checkpoint(
+    run_dir: Path, warn: Callable[[str], None] | None = None, load: bool = True,
+) -> tuple[Path, dict | None]:
+    """The newest checkpoint whose files verify (and load, with ``load``), with its state.
+    Every newer one that does not is skipped with a ``warn`` line saying why; raises
+    ``CheckpointError`` when none is usable."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"no checkpoint (step_*.pt or step_*/manifest.json) in {run_dir}")
+    reasons = []
+    for path in reversed(found):
+        try:
+            state = load_checkpoint(path) if load else (verify_checkpoint(path) and None)
+        except CheckpointError as exc:
+            reasons.append(str(exc))
+            if warn is not None:
+                warn(f"warning: skipped checkpoint {path.name}: {exc}")
+            continue
+        return path, state
+    raise CheckpointError(f"no usable checkpoint in {run_dir}: " + "; ".join(reasons))
+
+
 def _read(path: Path, mmap: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
@@ -131,13 +303,18 @@ def _read(path: Path, mmap: bool = False) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint as one full-model dict; a sharded folder is merged (``layout`` and
-    ``ranks``, each process's data and RNG state, say how it was written)."""
+def load_checkpoint(path: Path, verify: bool = True) -> dict[str, Any]:
+    """The checkpoint as one full-model dict, its checksums verified first; a sharded folder is
+    merged (``layout`` and ``ranks``, each process's data and RNG state, say how it was
+    written)."""
     path = Path(path)
+    if verify:
+        verify_checkpoint(path)
     if not path.is_dir():
         state = _read(path)
-        if isinstance(state, dict) and "data" in state:
+        if not isinstance(state, dict) or "model" not in state:
+            raise CheckpointError(f"checkpoint {path} holds no training state")
+        if "data" in state:
             state.setdefault("layout", {"tensor": 1, "data": 1})
             state.setdefault("ranks", [{"data": state["data"], "rng": state.get("rng")}])
         return state
@@ -189,6 +366,53 @@ def check_compatible(saved: dict, cfg: Config, path: Path) -> None:
     if diffs:
         raise CheckpointError(f"checkpoint {path} was trained with a different shape:\n  "
                               + "\n  ".join(diffs))
+
+
+# Fields a resume may change (prefixes end with "."): they take effect from the next step.
+# Any other difference would change the data stream or the objective mid-run and is refused.
+RESUME_MAY_CHANGE = (
+    "train.lr", "train.betas", "train.weight_decay", "train.steps", "train.warmup_steps",
+    "train.decay", "train.min_lr_ratio", "train.grad_clip", "train.profile_steps",
+    "train.device", "logging.", "eval.", "checkpoint.", "parallel.",
+    "data.lm.producer_thread", "data.lm.prefetch_batches", "data.lm.cache_dir",
+    "data.lm.cache_shard_tokens",
+)
+# where a run lives is the folder being resumed, whatever a config file given with it says
+RESUME_IGNORES = ("logging.run_dir", "logging.run_name")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` of a nested dict's leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_changes(saved: dict, cfg: Config, path: Path) -> dict[str, tuple[Any, Any]]:
+    """``{field: (checkpoint's value, new value)}`` of every field a resume changes. Raises
+    ``CheckpointError`` listing the changes a resume cannot make (shape, data stream,
+    objective) and a ``train.steps`` that the checkpoint already reached."""
+    check_compatible(saved, cfg, path)
+    try:
+        saved = validate_config(saved).model_dump(mode="json")
+    except ConfigError:
+        pass
+    old, new = _flatten(saved), _flatten(cfg.model_dump(mode="json"))
+    changes = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and k not in RESUME_IGNORES}
+    refused = [f"{k}: checkpoint has {a!r}, now {b!r}" for k, (a, b) in changes.items()
+               if not any(k == f or (f.endswith(".") and k.startswith(f))
+                          for f in RESUME_MAY_CHANGE)]
+    if refused:
+        raise CheckpointError(
+            "--resume cannot change these fields (they would change the data stream or the "
+            "objective of a run in progress; start a new run instead):\n  "
+            + "\n  ".join(refused))
+    return changes
 
 
 def rng_state() -> dict[str, Any]:

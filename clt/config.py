@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 import types
@@ -643,9 +644,15 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the fully resolved config (defaults included) as indented JSON."""
-    text = json.dumps(cfg.model_dump(mode="json"), indent=2)
-    Path(path).write_text(text + "\n", encoding="utf-8")
+    """Write the fully resolved config (defaults included) as indented JSON, atomically (a
+    temp file renamed over ``path``: a kill never leaves half a config)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _type_name(annotation: Any) -> str:

@@ -186,11 +186,17 @@ def train_step(
         grad_sync.finish()
     if scaler is not None:
         scaler.unscale_(optimizer)
+    grad_nonfinite = torch.zeros((), device=device)
     if tcfg.grad_clip is not None:
         if mesh.tp_size > 1:
             sums["grad_norm"] = clip_grad_norm(model, tcfg.grad_clip, mesh)
         else:
             sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        if scaler is None:  # fp16 overflows are the scaler's to skip, not a divergence
+            grad_nonfinite = (~torch.isfinite(sums["grad_norm"])).float()
+    # [loss, gradient norm, weights]: the weights are checked by the caller when it syncs
+    sums["nonfinite"] = torch.stack([(sums["nonfinite"] > 0).float(), grad_nonfinite,
+                                     torch.zeros_like(grad_nonfinite)])
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -198,6 +204,27 @@ def train_step(
         optimizer.step()
     scheduler.step()
     return sums
+
+
+def retune_optimizer(optimizer: torch.optim.Optimizer, scheduler, tcfg: TrainConfig) -> None:
+    """Give a restored optimizer and schedule this config's learning rate, betas, weight decay
+    and schedule (``load_state_dict`` brings back the checkpoint's); from the next step on."""
+    factor = lr_factor(tcfg)
+    scheduler.lr_lambdas = [factor] * len(optimizer.param_groups)
+    scheduler.base_lrs = [tcfg.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group.update(initial_lr=tcfg.lr, lr=tcfg.lr * factor(scheduler.last_epoch),
+                     betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+@torch.no_grad()
+def nonfinite_weights(model: torch.nn.Module) -> torch.Tensor:
+    """1.0 if any parameter holds NaN or inf, else 0.0, on the model's device (no host sync;
+    a max-abs reduction per parameter, no parameter-sized temporary)."""
+    peaks = torch.stack([torch.linalg.vector_norm(p.detach().float(), float("inf"))
+                         for p in model.parameters()])
+    return (~torch.isfinite(peaks)).any().float()
 
 
 def _metrics(out: LossOutput, mesh: Mesh) -> dict[str, torch.Tensor]:
@@ -315,6 +342,11 @@ class MetricsLog:
             self.wandb.log({**flat, **pictures}, step=step)
         return flat
 
+    def note(self, step: int, event: str, details: dict) -> None:
+        """A line that records an event of the run (e.g. a resume that changed the config)."""
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "event": event, **details}) + "\n")
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
@@ -335,14 +367,10 @@ def flatten_metrics(metrics: dict[str, torch.Tensor | float]) -> dict[str, float
     return flat
 
 
-def make_run_dir(cfg: Config) -> Path:
-    from .config import save_config
-
+def new_run_dir(cfg: Config) -> Path:
+    """``logging.run_dir / logging.run_name``, or a fresh name from the time and process id."""
     name = cfg.logging.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
-    run_dir = Path(cfg.logging.run_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.json")
-    return run_dir
+    return Path(cfg.logging.run_dir) / name
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):

@@ -13,6 +13,11 @@ from .synthetic import PlantedDictionary
 TINY_BOS, TINY_SEP = 256, 257
 
 
+class DataError(ValueError):
+    """Data that cannot serve a run as configured (a missing dataset, an LM without the asked
+    layers, a held-out split smaller than asked); the message names what to change."""
+
+
 def _byte_ids(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 

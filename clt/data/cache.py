@@ -28,6 +28,12 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 
 
+class CacheError(ValueError):
+    """A cache folder that cannot serve this run: unreadable, corrupted or made for other
+    activations. Deleting the folder (or setting another ``data.lm.cache_dir``) makes the next
+    run rebuild it from the LM."""
+
+
 class Chunk(NamedTuple):
     """Activations of consecutive train-stream sequences `[first, first + len(tokens))`."""
 
@@ -45,7 +51,7 @@ class ActivationCache:
     """Read and extend the cache in `folder` for activations described by `identity`.
 
     `identity` (model, layers, hooks, dtype, text, seq_len, seed, ...) must equal the manifest's,
-    else `ValueError`. Shard sizes are checked on open and hashes when a shard is read.
+    else `CacheError`. Shard sizes are checked on open and hashes when a shard is read.
     `shard_tokens`: tokens per shard written (rounded up to whole LM batches).
     """
 
@@ -189,29 +195,29 @@ class ActivationCache:
         try:
             manifest = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"activation cache manifest {path} is unreadable: {err}") from None
+            raise CacheError(f"activation cache manifest {path} is unreadable: {err}") from None
         if manifest.get("format") != FORMAT:
-            raise ValueError(
+            raise CacheError(
                 f"activation cache manifest {path} has format {manifest.get('format')!r}, "
                 f"expected {FORMAT}"
             )
-        mismatched = {
-            key: {"cache": manifest.get(key), "run": value}
+        mismatched = [
+            f"{key} {manifest.get(key)!r} (this run: {value!r})"
             for key, value in self.identity.items()
             if manifest.get(key) != value
-        }
+        ]
         if mismatched:
-            raise ValueError(
-                f"activation cache {path} was made for other activations: {mismatched}; "
-                "use another cache_dir or delete this one"
+            raise CacheError(
+                f"activation cache {path} was made for other activations: "
+                f"{'; '.join(mismatched)}. Set another data.lm.cache_dir"
             )
         expected = 0
         for shard in manifest["shards"]:
             if shard["first_sequence"] != expected:
-                raise ValueError(f"activation cache {path}: shard {shard['file']} is out of order")
+                raise CacheError(f"activation cache {path}: shard {shard['file']} is out of order")
             expected += shard["n_sequences"]
         if expected != manifest["sequences"]:
-            raise ValueError(
+            raise CacheError(
                 f"activation cache {path}: shards hold {expected} sequences, "
                 f"the manifest says {manifest['sequences']}"
             )
@@ -222,10 +228,10 @@ class ActivationCache:
     def _check_size(self, entry: dict[str, Any]) -> Path:
         path = self.folder / entry["file"]
         if not path.is_file():
-            raise ValueError(f"activation cache file {path} is missing")
+            raise CacheError(f"activation cache file {path} is missing")
         size = path.stat().st_size
         if size != entry["bytes"]:
-            raise ValueError(
+            raise CacheError(
                 f"activation cache file {path} is truncated or corrupted: {size} bytes, "
                 f"the manifest says {entry['bytes']}"
             )
@@ -241,17 +247,17 @@ class ActivationCache:
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         if digest != entry["sha256"]:
-            raise ValueError(
+            raise CacheError(
                 f"activation cache file {path} is corrupted: sha256 {digest}, "
                 f"the manifest says {entry['sha256']}"
             )
         try:
             tensors = load_safetensors(data)
         except Exception as err:  # noqa: BLE001  (safetensors raises its own error types)
-            raise ValueError(f"activation cache file {path} is unreadable: {err}") from None
+            raise CacheError(f"activation cache file {path} is unreadable: {err}") from None
         for key in ("x", "y"):
             if list(tensors[key].shape) != entry[f"{key}_shape"]:
-                raise ValueError(
+                raise CacheError(
                     f"activation cache file {path}: {key} has shape "
                     f"{list(tensors[key].shape)}, the manifest says "
                     f"{entry[f'{key}_shape']}"

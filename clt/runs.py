@@ -1,0 +1,120 @@
+"""Run folders: one trainer at a time, never reused by accident, never escaped by a name.
+
+A run folder ``RUN_DIR/NAME`` belongs to one run. A fresh run claims it only while it is absent
+or empty; a resume claims an existing one. Either way the claimant holds an exclusive
+``fcntl.flock`` on ``RUN/.lock`` for its whole life (the kernel drops it when the process ends,
+so a crashed trainer leaves no stale lock), so a second trainer or a resume of a live run is
+refused at once instead of mixing checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+LOCK_FILE = ".lock"
+CONFIG_FILE = "config.json"
+
+
+class RunDirError(ValueError):
+    """A run folder that cannot be used: taken, in use, not writable, or a bad name."""
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a run subfolder (it must stay one folder inside run_dir)."""
+    if not name or name.strip() != name:
+        return "must be a non-empty folder name without leading or trailing spaces"
+    if "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+        return "must be a single folder name inside logging.run_dir (no '/', '\\', '.' or '..')"
+    return None
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder this trainer wrote a run into (its config plus a checkpoint, log or lock)."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        return False
+    return any((path / marker).exists() for marker in (LOCK_FILE, "metrics.jsonl")) or any(
+        path.glob("step_*"))
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(folder: Path) -> None:
+    """Raise ``RunDirError`` unless files can be created in ``folder`` (or where it would be
+    created). Checked before any model or data loads, so a bad place fails in a second."""
+    folder = Path(folder)
+    base = _nearest_existing(folder.absolute())
+    if not base.is_dir():
+        raise RunDirError(f"cannot create run folder {folder}: {base} is a file, not a folder")
+    try:  # a real write: permission bits tell nothing about read-only mounts or root
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        where = "" if base == folder.absolute() else f" ({base} is where it would be created)"
+        raise RunDirError(f"run folder {folder} is not writable{where}: {exc.strerror}") from None
+
+
+class RunLock:
+    """The exclusive lock of one run folder, held until :meth:`release` or process exit."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        path = self.run_dir / LOCK_FILE
+        try:
+            self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunDirError(f"cannot lock run folder {run_dir}: {exc.strerror}") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            self.release()
+            raise RunDirError(f"run folder {run_dir} is in use by another trainer ({holder}); "
+                              "wait for it to finish or use another logging.run_name") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def claim_new(run_dir: Path) -> RunLock:
+    """Create and lock ``run_dir`` for a fresh run; refuse one that holds anything already."""
+    run_dir = Path(run_dir)
+    check_writable(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"cannot create run folder {run_dir}: {exc.strerror}") from None
+    lock = RunLock(run_dir)
+    taken = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+    if taken:
+        lock.release()
+        shown = ", ".join(taken[:3]) + (", ..." if len(taken) > 3 else "")
+        raise RunDirError(f"run folder {run_dir} already exists and is not empty ({shown}): "
+                          f"continue it with --resume {run_dir}, or set another "
+                          "logging.run_name")
+    return lock
+
+
+def claim_existing(run_dir: Path) -> RunLock:
+    """Lock an existing run folder to resume it."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such run folder")
+    check_writable(run_dir)
+    return RunLock(run_dir)
