@@ -30,6 +30,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from .runs import run_name_problem
+
 __all__ = [
     "KNOWN_LMS",
     "CheckpointConfig",
@@ -290,8 +292,8 @@ class DataConfig(_Section):
         None, description="Planted dictionary; required when source is 'synthetic'."
     )
     lm: LMDataConfig = Field(default_factory=LMDataConfig, description="LM activation source.")
-    standardize_tokens: PositiveInt = Field(
-        100_000, description="Tokens used to estimate per-(layer, dim) mean and std."
+    standardize_tokens: int = Field(
+        100_000, ge=2, description="Tokens used to estimate per-(layer, dim) mean and std, >= 2."
     )
 
     @model_validator(mode="after")
@@ -356,12 +358,23 @@ class LoggingConfig(_Section):
     wandb_project: str = Field("clt", description="wandb project.")
     every: PositiveInt = Field(50, description="Log metrics every this many steps.")
     run_dir: str = Field("runs", description="Folder that holds one subfolder per run.")
-    run_name: str | None = Field(None, description="Run subfolder name; null = generated.")
+    run_name: str | None = Field(
+        None, description="Run subfolder name (one folder inside run_dir); null = generated."
+    )
+
+    @model_validator(mode="after")
+    def _name_stays_inside(self) -> LoggingConfig:
+        problem = None if self.run_name is None else run_name_problem(self.run_name)
+        if problem:
+            _fail_if([("run_name", f"{problem} (got {_show(self.run_name)})")])
+        return self
 
 
 class EvalConfig(_Section):
     every: PositiveInt = Field(1000, description="Evaluate every this many steps.")
-    tokens: PositiveInt = Field(8192, description="Held-out tokens per evaluation.")
+    tokens: int = Field(
+        8192, ge=2, description="Held-out tokens per evaluation, >= 2 (FVU needs a variance)."
+    )
     replacement_tokens: NonNegativeInt = Field(
         2048, description="Held-out tokens for the replacement-model metrics (CE, KL, open and "
         "closed loop) at the end of an LM run; 0 = skip."
@@ -535,6 +548,19 @@ class Config(_Section):
             msg = (f"must be divisible by train.grad_accum * parallel.data * parallel.tensor = "
                    f"{per_step} (each tensor-parallel rank produces a slice of the batch)")
             problems.append(("train.batch_tokens", f"{msg} (got {self.train.batch_tokens})"))
+        micro = self.train.batch_tokens // per_step * par.tensor  # tokens of one micro-batch
+        if micro < 2:
+            problems.append(("train.batch_tokens", f"gives {micro} token(s) per micro-batch "
+                             "(batch_tokens / (grad_accum * parallel.data)); the FVU of a batch "
+                             f"needs >= 2 (got {self.train.batch_tokens})"))
+        if self.data.source == "lm":
+            buffer = self.data.lm.buffer_tokens
+            fit = min(self.train.batch_tokens, self.data.standardize_tokens)
+            for what, n in (("a micro-batch", micro // par.tensor),
+                            ("a standardization batch", fit // par.tensor)):
+                if n > buffer:
+                    problems.append(("data.lm.buffer_tokens", f"must hold {what} of {n} tokens "
+                                     f"per process (got {buffer})"))
         if self.train.mixed_precision == "fp16" and par.data * par.tensor > 1:
             problems.append(("train.mixed_precision", "fp16 needs a loss scaler whose overflow "
                              "check is per rank; use bf16 with parallel.data or .tensor > 1"))

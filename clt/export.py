@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -41,10 +42,13 @@ from typing import Any
 import torch
 
 from .model import CrossLayerTranscoder
+from .runs import RunDirError, check_output_dir
 
 # Our block-relative hook names -> the transformer-lens names circuit-tracer's configs use
 # (clt.data.lm.HOOK_ALIASES, repeated here so export does not import transformer-lens).
 TL_HOOK_NAMES = {"hook_mlp_in": "hook_resid_mid"}
+# written into every export: --overwrite replaces a folder only if it holds this file
+EXPORT_MARKER = ".clt-export.json"
 DEFAULT_TOKENS = 4096
 EVAL_CHUNK = 1024
 
@@ -147,14 +151,19 @@ def _config(model: CrossLayerTranscoder, input_hook: str, output_hook: str,
     return cfg
 
 
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """``clt.runs.check_output_dir`` for an export: never into a run folder, and ``overwrite``
+    replaces only an earlier export (it holds ``EXPORT_MARKER``)."""
+    try:
+        check_output_dir(out_dir, EXPORT_MARKER, overwrite, "export")
+    except RunDirError as exc:
+        raise ExportError(str(exc)) from None
+
+
 def _replace_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Move the finished ``tmp`` folder to ``out_dir`` (an existing one only if allowed)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a folder")
+    """Move the finished ``tmp`` folder to ``out_dir`` (an earlier export only if allowed)."""
+    check_out_dir(out_dir, overwrite)
     if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ExportError(f"{out_dir} exists and is not empty (pass overwrite=True / "
-                              f"--overwrite to replace it)")
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
@@ -189,9 +198,7 @@ def export_circuit_tracer(
 
     layers = _check_exportable(model, layers)
     out_dir = Path(out_dir)
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir} exists and is not empty (pass overwrite=True / "
-                          f"--overwrite to replace it)")
+    check_out_dir(out_dir, overwrite)
     folded = model.folded_copy()
     dtype = dtype or model.W_enc.dtype
     files: dict[str, dict[str, torch.Tensor]] = {}
@@ -205,6 +212,7 @@ def export_circuit_tracer(
             save_file(tensors, str(tmp / file))
         config = _config(model, input_hook, output_hook, layers, model_name)
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"model_name": model_name}) + "\n")
         _replace_dir(tmp, out_dir, overwrite)
     finally:
         if tmp.exists():
@@ -327,8 +335,7 @@ def export_run(
     if n_tokens < 1:
         raise ExportError(f"--tokens must be >= 1, got {n_tokens}")
     out_dir = Path(out_dir)
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
+    check_out_dir(out_dir, overwrite)  # before anything loads
     cfg, model, step = load_run(run_dir, device)
     kind = model.nonlinearity
     if threshold == "ema" and kind != "batchtopk":
@@ -373,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
                         help=f"held-out tokens for calibration and the report "
                              f"(default {DEFAULT_TOKENS})")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR if it holds an earlier export (nothing else)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     args = parser.parse_args(argv)
     try:
@@ -382,6 +390,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:  # e.g. the disk filled up while writing (nothing is half-written)
+        print(f"error: {exc.strerror or exc}: {exc.filename or args.out_dir}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

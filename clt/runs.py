@@ -48,20 +48,45 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, what: str = "run folder") -> None:
     """Raise ``RunDirError`` unless files can be created in ``folder`` (or where it would be
     created). Checked before any model or data loads, so a bad place fails in a second."""
     folder = Path(folder)
     base = _nearest_existing(folder.absolute())
     if not base.is_dir():
-        raise RunDirError(f"cannot create run folder {folder}: {base} is a file, not a folder")
+        raise RunDirError(f"cannot create {what} {folder}: {base} is a file, not a folder")
     try:  # a real write: permission bits tell nothing about read-only mounts or root
         fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=base)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
         where = "" if base == folder.absolute() else f" ({base} is where it would be created)"
-        raise RunDirError(f"run folder {folder} is not writable{where}: {exc.strerror}") from None
+        raise RunDirError(f"{what} {folder} is not writable{where}: {exc.strerror}") from None
+
+
+def check_output_dir(out_dir: Path, marker: str, overwrite: bool, what: str) -> None:
+    """Refuse an output folder of a command (export, pages) that would put anything at risk:
+    one that is or lies inside a run folder, a non-empty one that is not an earlier output of
+    the same command (``marker``, a file that command writes into every output), an earlier
+    output unless ``overwrite``, or an unwritable place. Raises ``RunDirError``."""
+    out = Path(out_dir).absolute().resolve()
+    for folder in (out, *out.parents):
+        if is_run_folder(folder):
+            where = "is" if folder == out else "lies inside"
+            raise RunDirError(f"{out_dir} {where} the run folder {folder}: write the {what} "
+                              "to a folder outside every run")
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out_dir} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / marker).is_file():
+            raise RunDirError(f"{out_dir} exists, is not empty and holds no earlier {what} "
+                              f"(no {marker}): choose a new or empty folder")
+        if any(is_run_folder(Path(d)) for d, _, _ in os.walk(out)):
+            raise RunDirError(f"{out_dir} contains a run folder: refusing to replace it")
+        if not overwrite:
+            raise RunDirError(f"{out_dir} holds an earlier {what}: pass --overwrite to replace "
+                              "it, or choose another folder")
+    check_writable(out, what=f"{what} folder")
 
 
 class RunLock:

@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -373,23 +374,22 @@ def new_run_dir(cfg: Config) -> Path:
     return Path(cfg.logging.run_dir) / name
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """``(config, model in eval mode, step)`` of a run folder's latest checkpoint.
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", warn=None):
+    """``(config, model in eval mode, step)`` of a run folder's newest checkpoint that verifies
+    (a newer corrupted one is skipped with a ``warn`` line, default stderr).
 
     Raises ``CheckpointError`` (missing folder, config or checkpoint; a checkpoint that does not
     fit its config) or ``ConfigError`` (an invalid ``config.json``).
     """
-    from .checkpoint import CheckpointError, check_compatible, latest_checkpoint, load_checkpoint
+    from .checkpoint import CheckpointError, check_compatible, latest_good_checkpoint
     from .config import load_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run folder")
     cfg = load_config(run_dir / "config.json")
-    path = latest_checkpoint(run_dir)
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"checkpoint {path} holds no model state")
+    warn = warn or (lambda line: print(line, file=sys.stderr))
+    path, state = latest_good_checkpoint(run_dir, warn)
     if "config" in state:
         check_compatible(state["config"], cfg, path)
     weights = state["model"]

@@ -91,7 +91,7 @@ def test_clt_export_files_and_reader_reproduce_the_model(tmp_path, kind):
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["config.yaml"] + [f"W_enc_{i}.safetensors" for i in range(L)]
+    assert names == sorted([".clt-export.json", "config.yaml"] + [f"W_enc_{i}.safetensors" for i in range(L)]
                            + [f"W_dec_{i}.safetensors" for i in range(L)])
     for i in range(L):
         enc = file_tensors(out / f"W_enc_{i}.safetensors")
@@ -129,7 +129,7 @@ def test_plt_export_is_a_transcoder_set(tmp_path):
     model = fitted(make("jumprelu", reach=1)).eval()
     out = export_circuit_tracer(model, tmp_path / "plt", "ln2.hook_normalized", "hook_mlp_out")
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.yaml"] + [f"layer_{i}.safetensors" for i in range(L)])
+        [".clt-export.json", "config.yaml"] + [f"layer_{i}.safetensors" for i in range(L)])
     t = file_tensors(out / "layer_1.safetensors")
     assert {k: tuple(v.shape) for k, v in t.items()} == {
         "W_enc": (F, D), "W_dec": (F, D), "b_enc": (F,), "b_dec": (D,),
@@ -168,18 +168,22 @@ def test_export_refuses_what_has_no_format(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
-def test_export_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
+def test_export_overwrites_only_an_earlier_export(tmp_path):
     model = fitted(make()).eval()
     (tmp_path / "empty").mkdir()
     export_circuit_tracer(model, tmp_path / "empty")  # an empty folder is fine
+    with pytest.raises(ExportError, match="earlier export: pass --overwrite"):
+        export_circuit_tracer(model, tmp_path / "empty")
+    (tmp_path / "empty" / "W_dec_2.safetensors").write_bytes(b"stale")
+    export_circuit_tracer(model, tmp_path / "empty", overwrite=True)
+    assert (tmp_path / "empty" / "W_dec_2.safetensors").read_bytes() != b"stale"
     target = tmp_path / "full"
     target.mkdir()
     (target / "keep.txt").write_text("x")
-    with pytest.raises(ExportError, match="not empty"):
-        export_circuit_tracer(model, target)
+    for overwrite in (False, True):  # not an export: never replaced
+        with pytest.raises(ExportError, match="holds no earlier export"):
+            export_circuit_tracer(model, target, overwrite=overwrite)
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
-    export_circuit_tracer(model, target, overwrite=True)
-    assert not (target / "keep.txt").exists() and (target / "W_dec_2.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "full"]  # no temp leftovers
 
 
@@ -282,7 +286,7 @@ def test_cli_exports_a_trained_run(tmp_path, kind, capsys):
         assert torch.equal(acts > 0, model_codes(model, x_raw) > 0)
     with pytest.raises(SystemExit) as exc:
         main([str(run_dir), str(out)])
-    assert exc.value.code == 2 and "not empty" in capsys.readouterr().err
+    assert exc.value.code == 2 and "earlier export" in capsys.readouterr().err
     if kind == "topk":
         with pytest.raises(SystemExit) as exc:
             main([str(run_dir), str(tmp_path / "other"), "--threshold", "ema"])
