@@ -391,6 +391,11 @@ class EvalConfig(_Section):
     graph_batch: PositiveInt = Field(
         64, description="Target nodes per backward pass of the attribution graphs."
     )
+    pages: bool = Field(
+        False, description="At the end of an LM run, write RUN/pages/: the attribution-graph "
+        "page of the first held-out sequence (eval.graph_prompt_tokens tokens) and the feature "
+        "pages of every feature (clt.graph, clt.features); logged to wandb when it is on."
+    )
 
 
 class CheckpointConfig(_Section):

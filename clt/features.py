@@ -108,7 +108,7 @@ class Scan:
 
 def _grow_histograms(scan: LayerScan, chunk_max: torch.Tensor) -> None:
     """Widen the ranges of the features whose ``chunk_max [n]`` reached their ``hi``."""
-    need = chunk_max >= scan.hi
+    need = (chunk_max >= scan.hi) & (chunk_max > 0)
     if not need.any():
         return
     idx = need.nonzero().flatten()
@@ -189,7 +189,8 @@ def scan_features(run: ExportedRun, selection: list[torch.Tensor], n_tokens: int
     T = run.cfg.data.lm.seq_len
     n_seq = math.ceil(n_tokens / (T - 1))
     widest = max(1, max(len(s) for s in selection))
-    batch = max(1, min(n_seq, CHUNK_ELEMENTS // (T * widest)))
+    # the run's LM batch, fewer sequences if one layer's dense activations would pass the cap
+    batch = max(1, min(n_seq, run.cfg.data.lm.lm_batch_size, CHUNK_ELEMENTS // (T * widest)))
     W = before + 1 + after
     scans = [LayerScan(ids, torch.zeros(len(ids), dtype=torch.int64),
                        torch.zeros(len(ids), dtype=torch.float64),
@@ -488,8 +489,12 @@ def write_features(run_dir: str | Path, out_dir: str | Path, n_tokens: int = DEF
     if top < 1:
         raise PagesError(f"--top must be >= 1, got {top}")
     out = check_out_dir(out_dir, MARKER, overwrite)
-    run = load_run_as_exported(run_dir, device, log)
-    parse_selection(selection, run.model.n_layers, run.model.n_features, run.layers)
+
+    def check(cfg, model) -> None:
+        layers = cfg.resolved_layers or list(range(model.n_layers))
+        parse_selection(selection, model.n_layers, model.n_features, layers)
+
+    run = load_run_as_exported(run_dir, device, log, check)
     with staged_output(out, MARKER, {"command": "clt.features", "run": str(run_dir)}) as tmp:
         summary = build_features(run, tmp, n_tokens, selection, top)
     log(f"{summary['scanned']} features over {summary['tokens']} held-out tokens -> "

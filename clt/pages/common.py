@@ -19,6 +19,7 @@ circuit-tracer loads from the export.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -63,6 +64,10 @@ def check_out_dir(out_dir: str | Path, marker: str, overwrite: bool,
     if out.exists() and not out.is_dir():
         raise PagesError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
+        for child in out.iterdir():
+            if child.is_dir() and is_run_folder(child):
+                raise PagesError(f"{out} contains the run folder {child}: write the pages "
+                                 f"elsewhere")
         if not overwrite:
             raise PagesError(f"{out} exists and is not empty (pass --overwrite to replace a "
                              f"previous output)")
@@ -137,8 +142,11 @@ class ExportedRun:
 
 
 def load_run_as_exported(run_dir: str | Path, device: str | torch.device = "cpu",
-                         log: Callable[[str], None] = print) -> ExportedRun:
-    """Load ``run_dir``'s latest checkpoint and convert it as ``clt.export`` does."""
+                         log: Callable[[str], None] = print,
+                         check: Callable[[Any, Any], None] | None = None) -> ExportedRun:
+    """Load ``run_dir``'s latest checkpoint and convert it as ``clt.export`` does.
+
+    ``check(cfg, model)`` runs before the LM is loaded (to refuse bad options early)."""
     from ..checkpoint import CheckpointError
     from ..config import ConfigError
     from ..convert import ConversionError, convert
@@ -162,12 +170,14 @@ def load_run_as_exported(run_dir: str | Path, device: str | torch.device = "cpu"
     if not isinstance(model, CrossLayerTranscoder):
         raise PagesError(f"{run_dir}: pages need a transcoder's own features, this run is a "
                          f"{type(model).__name__}")
+    if check is not None:
+        check(cfg, model)
     lm_cfg = cfg.data.lm
     tiny = None
     if lm_cfg.name == "tiny":
         tiny = {"n_layers": lm_cfg.tiny_n_layers, "d_model": lm_cfg.tiny_d_model,
                 "d_mlp": lm_cfg.tiny_d_mlp, "n_ctx": lm_cfg.seq_len, "seed": cfg.train.seed}
-    with contextlib.redirect_stdout(sys.stderr):  # transformer-lens prints "Moving model..."
+    with contextlib.redirect_stdout(io.StringIO()):  # transformer-lens prints "Moving model..."
         lm = load_lm(lm_cfg.name, device=device, tiny=tiny)
     if tiny is not None:
         tokenizer, ids = _byte_ids, {"bos_id": TINY_BOS, "sep_id": TINY_SEP}
