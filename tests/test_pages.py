@@ -599,3 +599,44 @@ def test_pages_are_self_contained(outputs):
         assert "https://" not in text and "<link" not in text, page
     graph = Path(outputs / "graph" / "index.html").read_text()
     assert "<script src" not in graph
+
+
+def test_graph_page_renders_1500_nodes_and_15000_edges(tmp_path, browser_page):  # noqa: F811
+    """A synthetic graph the size of a 30-layer prompt's: every node and edge drawn, quickly."""
+    import time
+
+    from clt.pages.html import graph_page
+
+    gen = torch.Generator().manual_seed(0)
+    T, n_layers = 32, 30
+    nodes = [{"node_id": f"E_{p}_{p}", "feature": p, "layer": "E", "ctx_idx": p,
+              "feature_type": "embedding", "jsNodeId": f"E_{p}-{p}"} for p in range(T)]
+    for i in range(1400):
+        layer, pos = i % n_layers, int(torch.randint(1, T, (1,), generator=gen))
+        nodes.append({"node_id": f"{layer}_{i}_{pos}", "feature": cantor(layer, i),
+                      "layer": str(layer), "ctx_idx": pos, "activation": 1.0, "influence": 0.5,
+                      "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{i}-0"})
+    nodes += [{"node_id": f"31_{v}_{T - 1}", "feature": v, "layer": "31", "ctx_idx": T - 1,
+               "feature_type": "logit", "jsNodeId": f"L_{v}-{T - 1}", "token_prob": 0.1,
+               "clerp": f'Output "t{v}" (p=0.100)'} for v in range(10)]
+    pairs = torch.randint(0, len(nodes), (15000, 2), generator=gen).tolist()
+    links = [{"source": nodes[a]["node_id"], "target": nodes[b]["node_id"],
+              "weight": float(torch.randn(1, generator=gen))} for a, b in pairs]
+    data = {"metadata": {"slug": "big", "scan": "/x", "transcoder_list": [],
+                         "prompt_tokens": [f"t{p}" for p in range(T)], "prompt": "big",
+                         "node_threshold": 0.8, "schema_version": 1},
+            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
+                        "sg_pos": ""},
+            "nodes": nodes, "links": links, "clt": {"n_layers": n_layers}}
+    (tmp_path / "index.html").write_text(graph_page(data, None))
+    page = browser_page()
+    start = time.perf_counter()
+    page.goto((tmp_path / "index.html").as_uri())
+    page.wait_for_selector("body[data-ready='1']")
+    elapsed = time.perf_counter() - start
+    assert page.locator("#nodes .node").count() == len(nodes)
+    assert page.locator("#edges .edge").count() == len(links)
+    page.locator("#nodes .node.feature").nth(7).click(force=True)
+    assert page.locator("#node-title").count() == 1
+    assert elapsed < 20, f"the page took {elapsed:.1f} s to draw"
+    assert page.errors == []
