@@ -6,10 +6,19 @@ is exported as a JumpReLU with one threshold per (layer, feature). Two threshold
 - ``ema_thresholds(model)``: BatchTopK's own inference rule. Its eval mode already is a JumpReLU at
   the EMA of the smallest kept pre-activation (per layer, or one global value), so the converted
   model gives the same codes (up to the float32 rounding of ``exp(log(theta))``).
-- ``calibrate_thresholds(model, batches)``: per layer, the single threshold at which the JumpReLU's
-  mean L0 on the given held-out tokens equals a target (default: the trained model's own L0 there,
-  about ``k`` for TopK). Exact: the threshold lies between the ``m``-th and ``m+1``-th largest
-  pre-activation of the layer, ``m = round(target * tokens)``, found by a streaming top-``m``.
+- ``calibrate_thresholds(model, batches, per_feature=True)`` (what ``convert`` uses for TopK,
+  and so ``clt.export``): per (layer, feature), the
+  threshold at which the JumpReLU fires on exactly as many of the given held-out tokens as the
+  trained selection (TopK's top-k, BatchTopK's batch top-k) fires that feature: between its
+  ``c``-th and ``c+1``-th largest pre-activation, ``c`` its trained firing count. Per-layer L0
+  then matches the trained one exactly (ties aside) and each feature keeps its own density: a
+  frequent feature with small pre-activations is not cut off by a threshold set by the others.
+  A feature the trained selection never picked on these tokens gets a threshold at its largest
+  pre-activation there (it stays silent on them).
+- ``calibrate_thresholds(model, batches)``: per layer, the single threshold at
+  which the JumpReLU's mean L0 on the tokens equals a target (default: the trained model's own L0
+  there, about ``k`` for TopK): between the ``m``-th and ``m+1``-th largest pre-activation of the
+  layer, ``m = round(target * tokens)``, found by a streaming top-``m``.
 
 Thresholds are strictly positive, so the converted model never emits a negative activation
 (``pre > theta > 0``). ``conversion_report`` gives L0 and FVU per layer before and after.
@@ -114,29 +123,41 @@ def _chunks(model: CrossLayerTranscoder, batches: Iterable[Batch], chunk: int):
 
 
 @torch.no_grad()
-def trained_l0(
+def trained_counts(
     model: CrossLayerTranscoder, batches: Iterable[Batch], chunk: int = 1024
-) -> torch.Tensor:
-    """``[L]`` mean L0 per token of the model's TRAINING selection on raw batches: TopK's top-k
-    (positive entries), BatchTopK's exact batch top-k over each ``chunk`` tokens (EMA untouched;
-    ``chunk`` plays the training batch size)."""
+) -> tuple[torch.Tensor, int]:
+    """``([L, F] int64 firing counts, tokens)`` of the model's TRAINING selection on raw batches:
+    TopK's top-k (positive entries), BatchTopK's exact batch top-k over each ``chunk`` tokens (EMA
+    untouched; ``chunk`` plays the training batch size)."""
     if model.nonlinearity not in ("topk", "batchtopk"):
-        raise ConversionError(f"no trained L0 to match for {model.nonlinearity!r}: pass "
+        raise ConversionError(f"no trained selection to match for {model.nonlinearity!r}: pass "
                               f"target_l0")
-    total = torch.zeros(model.n_layers, dtype=torch.float64)
+    L, F = model.n_layers, model.n_features
+    counts = torch.zeros(L, F, dtype=torch.int64)
     tokens = 0
     for x in _chunks(model, batches, chunk):
         if model.nonlinearity == "topk":
-            values = model.encode(x).values
-            total += (values > 0).sum(dim=(1, 2)).double().cpu()
+            codes = model.encode(x)
+            fired = (codes.values > 0).long().cpu()  # [L, n, k]
+            counts.scatter_add_(1, codes.indices.long().cpu().flatten(1), fired.flatten(1))
         else:
             pre = model.pre_activations(x)
             mask = kernels.batchtopk_mask(pre, model.k, model.batchtopk_scope) & (pre > 0)
-            total += mask.sum(dim=(1, 2)).double().cpu()
+            counts += mask.sum(dim=1).cpu()
         tokens += x.shape[1]
     if tokens == 0:
         raise ConversionError("no held-out tokens given")
-    return total / tokens
+    return counts, tokens
+
+
+@torch.no_grad()
+def trained_l0(
+    model: CrossLayerTranscoder, batches: Iterable[Batch], chunk: int = 1024
+) -> torch.Tensor:
+    """``[L]`` mean L0 per token of the model's TRAINING selection on raw batches (see
+    :func:`trained_counts`)."""
+    counts, tokens = trained_counts(model, batches, chunk)
+    return counts.sum(dim=1).double() / tokens
 
 
 @torch.no_grad()
@@ -145,8 +166,13 @@ def calibrate_thresholds(
     batches: Sequence[Batch],
     target_l0: float | Sequence[float] | torch.Tensor | None = None,
     chunk: int = 1024,
+    per_feature: bool = False,
 ) -> torch.Tensor:
-    """``[L, F]`` JumpReLU thresholds (one value per layer) matching a mean L0 per layer.
+    """``[L, F]`` JumpReLU thresholds matching the trained selection on held-out ``batches``.
+
+    ``per_feature``: one threshold per (layer, feature), see :func:`_per_feature_thresholds`
+    (what :func:`convert` uses); needs a TopK/BatchTopK model and no ``target_l0``.
+    Otherwise one threshold per layer, matching a mean L0 per layer:
 
     ``batches``: RAW held-out inputs, ``x [L, N, d_in]`` or ``(x, y)`` pairs as
     ``clt.trainer.evaluate`` takes them; they are standardized with the model's standardizer.
@@ -164,6 +190,11 @@ def calibrate_thresholds(
     if not batches or sum(_inputs(b).shape[1] for b in batches) == 0:
         raise ConversionError("calibration needs at least one held-out token")
     L, F = model.n_layers, model.n_features
+    if per_feature:
+        if target_l0 is not None:
+            raise ConversionError("per-feature thresholds match each feature's trained firing "
+                                  "count; a target_l0 needs per_feature=False")
+        return _per_feature_thresholds(model, batches, chunk)
     if target_l0 is None:
         target = trained_l0(model, batches, chunk)
     else:
@@ -196,6 +227,44 @@ def calibrate_thresholds(
     return theta.view(L, 1).expand(L, F).clone()
 
 
+@torch.no_grad()
+def _per_feature_thresholds(model: CrossLayerTranscoder, batches: list[Batch], chunk: int
+                            ) -> torch.Tensor:
+    """``[L, F]``: feature ``f`` of a layer fires on ``c_f`` tokens under the trained selection
+    (:func:`trained_counts`); its threshold is the midpoint of its ``c_f``-th and ``c_f+1``-th
+    largest pre-activation over the tokens (the latter floored at 0), so ``pre > theta`` holds
+    on exactly ``c_f`` tokens (ties aside). ``c_f = 0``: its largest pre-activation (no token
+    passes). A non-positive result (only when the selection kept a non-positive value, or the
+    feature's largest pre-activation is <= 0) becomes the smallest positive threshold of the
+    layer, 1.0 if none: thresholds must be > 0.
+
+    Two passes over ``batches``: the counts, then per layer a running top-``(max c + 1)`` per
+    feature over ``chunk``-token pieces (memory ``(max c + 1 + chunk) * F`` per layer).
+    """
+    counts, n = trained_counts(model, batches, chunk)
+    L, F = counts.shape
+    theta = torch.empty(L, F, dtype=torch.float64)
+    for layer in range(L):
+        c = counts[layer]  # [F]
+        depth = min(int(c.max()) + 1, n)
+        top = None  # [<= depth, F] largest pre-activations per feature, descending
+        for x in _chunks(model, batches, chunk):
+            pre = model.pre_activations(x[layer : layer + 1], layer)[0]  # [n_chunk, F]
+            both = pre if top is None else torch.cat([top, pre])
+            top = both.topk(min(depth, both.shape[0]), dim=0).values
+        top = top.double().cpu()
+        cols = torch.arange(F)
+        v_c = top[(c - 1).clamp(min=0), cols]  # c-th largest (c >= 1)
+        below = c < top.shape[0]
+        v_next = torch.where(below, top[c.clamp(max=top.shape[0] - 1), cols],
+                             torch.zeros(F, dtype=torch.float64)).clamp(min=0)
+        t = torch.where(c > 0, (v_c + v_next) / 2, top[0])
+        good = t > 0
+        floor = float(t[good].min()) if bool(good.any()) else 1.0
+        theta[layer] = torch.where(good, t, torch.full_like(t, floor))
+    return theta
+
+
 def convert(
     model: CrossLayerTranscoder,
     method: str | None = None,
@@ -205,7 +274,8 @@ def convert(
     """JumpReLU copy of a TopK/BatchTopK model; JumpReLU and ReLU models come back as copies.
 
     ``method``: ``"ema"`` (BatchTopK only, its default) or ``"calibrate"`` (needs ``batches``;
-    TopK's default).
+    TopK's default): per-feature thresholds matching the trained selection on ``batches``, or,
+    with an explicit ``target_l0``, one threshold per layer matching that mean L0.
     """
     if model.nonlinearity in ("jumprelu", "relu"):
         return copy.deepcopy(model)
@@ -215,7 +285,8 @@ def convert(
     if method == "calibrate":
         if not batches:
             raise ConversionError("calibrating thresholds needs held-out batches")
-        return to_jumprelu(model, calibrate_thresholds(model, batches, target_l0))
+        theta = calibrate_thresholds(model, batches, target_l0, per_feature=target_l0 is None)
+        return to_jumprelu(model, theta)
     raise ConversionError(f"threshold method must be 'ema' or 'calibrate', got {method!r}")
 
 
@@ -247,3 +318,43 @@ def format_report(report: dict[str, dict]) -> str:
     lines.append(f"{'total':>5}  {'':>9}  {'':>9}  {before['fvu_total']:>10.4f}  "
                  f"{after['fvu_total']:>10.4f}")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def from_circuit_tracer(folder) -> tuple[CrossLayerTranscoder, list[int], tuple[str, str]]:
+    """Read an exported folder (``clt.export``'s circuit-tracer files) back into our model class:
+    ``(model, layers, (input_hook, output_hook))``, a JumpReLU (or ReLU) transcoder on raw
+    activations (identity standardizer) whose codes and outputs are those of the files.
+
+    JumpReLU thresholds come back as ``log_threshold = log(threshold)`` in float32, so
+    ``exp`` of it may differ from the file's value by a float32 rounding step. Hooks are given as
+    the run config names them (``hook_resid_mid`` is ``hook_mlp_in``)."""
+    from .export import TL_HOOK_NAMES, load_exported
+
+    files = load_exported(folder)
+    L, kind = files["n_layers"], files["kind"]
+    F, d_in = files["W_enc"][0].shape
+    clt_kind = kind == "cross_layer_transcoder"
+    d_out = files["W_dec"][0].shape[-1]
+    jumprelu = files["threshold"][0] is not None
+    skip = not clt_kind and files["W_skip"][0] is not None
+    dtype = files["W_enc"][0].dtype
+    model = CrossLayerTranscoder(L, d_in, d_out, F, reach=None if clt_kind else 1,
+                                 nonlinearity="jumprelu" if jumprelu else "relu", skip=skip,
+                                 dtype=dtype)
+    model.W_enc.copy_(torch.stack([w.T for w in files["W_enc"]]))
+    model.b_enc.copy_(torch.stack(files["b_enc"]))
+    model.b_dec.copy_(torch.stack(files["b_dec"]))
+    for s in range(L):
+        block = files["W_dec"][s]
+        model.decoder_view(s).copy_(block if clt_kind else block[:, None])
+        if skip:
+            model.W_skip[s].copy_(files["W_skip"][s].T)
+    if jumprelu:
+        theta = torch.stack(files["threshold"]).to(torch.float32)
+        model.log_threshold.data = theta.log().to(model.log_threshold.device)
+    config = files["config"]
+    back = {v: k for k, v in TL_HOOK_NAMES.items()}
+    hooks = (back.get(config["feature_input_hook"], config["feature_input_hook"]),
+             back.get(config["feature_output_hook"], config["feature_output_hook"]))
+    return model.eval(), list(config.get("layers", range(L))), hooks

@@ -29,6 +29,11 @@ SMOLLM2_ROPE_THETA = 100000.0
 CACHE_ENV = "CLT_CACHE_DIR"
 DEFAULT_CACHE_ROOT = Path("~/.cache/clt-trainer")
 CACHE_MARKER = "clt_source.json"
+# Version of the cached folder's layout: 2 writes files that transformers 4.56-4.57 and 5.x read
+# alike (see `_make_portable`); a cache with another version is converted again.
+CACHE_FORMAT = 2
+# A class both transformers 4.x and 5.x map to a plain tokenizers-backed tokenizer (tokenizer.json).
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
 TINY_DEFAULTS: dict[str, Any] = {
     "n_layers": 4,
@@ -183,7 +188,7 @@ def smollm2_hf_folder(cache_dir: Path | None = None) -> Path:
     """Return the cached de-quantized HF folder for SmolLM2, converting the GGUF on first use."""
     gguf = smollm2_gguf_path()
     folder = cache_root(cache_dir) / SMOLLM2_NAME
-    source = {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size}
+    source = {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, "format": CACHE_FORMAT}
     if _cache_matches(folder, source):
         return folder
     if folder.exists():
@@ -213,6 +218,7 @@ def _convert_gguf_atomically(gguf: Path, folder: Path, source: dict) -> None:
         hf_model, tokenizer = _dequantize_gguf(gguf)
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        make_portable(tmp)
         (tmp / CACHE_MARKER).write_text(json.dumps(source))
         try:
             tmp.rename(folder)
@@ -222,6 +228,31 @@ def _convert_gguf_atomically(gguf: Path, folder: Path, source: dict) -> None:
             # Another process committed the same conversion first; keep its folder.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_portable(folder: Path) -> None:
+    """Rewrite a saved HF folder so transformers 4.56-4.57 and 5.x read the same model from it.
+
+    transformers 5 keeps the rotary base in `rope_parameters` only: 4.57 then falls back to
+    `rope_theta = 10000` (SmolLM2 needs 1e5), so the top-level `rope_theta` is written too.
+    5 also names its tokenizer class `TokenizersBackend`, which 4.57 does not know: the class
+    becomes `PreTrainedTokenizerFast`, which both read from `tokenizer.json` unchanged (same
+    ids, no BOS added). Keys 4.57 does not know (`backend`, `rope_parameters`) are ignored there.
+    """
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))
+    if theta is not None:
+        config["rope_theta"] = float(theta)
+        config["rope_parameters"] = {"rope_type": "default",
+                                     **(config.get("rope_parameters") or {}),
+                                     "rope_theta": float(theta)}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tok_path = folder / "tokenizer_config.json"
+    if tok_path.is_file():
+        tok = json.loads(tok_path.read_text())
+        tok["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+        tok_path.write_text(json.dumps(tok, indent=2, sort_keys=True) + "\n")
 
 
 def _dequantize_gguf(gguf: Path) -> tuple[Any, Any]:
