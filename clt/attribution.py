@@ -366,12 +366,18 @@ class _Linearized:
         return hook_fn
 
 
+class GraphTooLarge(ValueError):
+    """An attribution graph whose edge rows would not fit in ``max_edge_bytes`` (raised before
+    any work; a dense transcoder has many active features per position)."""
+
+
 def _check_graph_size(n_f: int, n_logits: int, n_nodes: int, itemsize: int, limit: int) -> None:
     size = (n_f + n_logits) * n_nodes * itemsize
     if size > limit:
-        raise ValueError(f"the attribution graph needs {size / 2**30:.2f} GiB for its "
-                         f"{n_f + n_logits} x {n_nodes} edge rows, above max_edge_bytes = "
-                         f"{limit / 2**30:.2f} GiB: use shorter prompts or raise the limit")
+        raise GraphTooLarge(f"the attribution graph needs {size / 2**30:.2f} GiB for its "
+                            f"{n_f + n_logits} x {n_nodes} edge rows ({n_f} active features), "
+                            f"above max_edge_bytes = {limit / 2**30:.2f} GiB: use shorter prompts "
+                            f"or raise the limit")
 
 
 def attribute(
@@ -384,14 +390,16 @@ def attribute(
     batch_size: int = DEFAULT_BATCH,
     max_n_logits: int = MAX_N_LOGITS,
     desired_logit_prob: float = DESIRED_LOGIT_PROB,
-    max_edge_bytes: int = MAX_EDGE_BYTES,
+    max_edge_bytes: int | None = None,
 ) -> AttributionGraph:
     """Attribution graph of ``clt`` spliced into ``lm`` on one prompt ``tokens [T]``.
 
     Position 0 is the BOS position (see the module docstring for every definition). ``layers``
     are the LM blocks the transcoder was trained on, increasing (its layer ``i`` is block
     ``layers[i]``); ``clt`` is a :class:`clt.model.CrossLayerTranscoder` whose features write
-    ``hook_mlp_out``. ``batch_size`` target nodes share one backward pass.
+    ``hook_mlp_out``. ``batch_size`` target nodes share one backward pass. A graph whose edge
+    rows would take more than ``max_edge_bytes`` (default ``MAX_EDGE_BYTES``, read at call time)
+    raises :class:`GraphTooLarge` before any backward pass.
     """
     from .data.lm import FORWARD_LOCK, layer_hook_names
     from .model import CrossLayerTranscoder
@@ -440,7 +448,8 @@ def attribute(
                                                        desired_logit_prob)
     n_f, n_logits = found.nodes.shape[0], logit_ids.shape[0]
     n_nodes = n_f + (n_layers + 1) * T + n_logits
-    _check_graph_size(n_f, n_logits, n_nodes, torch.finfo(dtype).bits // 8, max_edge_bytes)
+    limit = MAX_EDGE_BYTES if max_edge_bytes is None else max_edge_bytes
+    _check_graph_size(n_f, n_logits, n_nodes, torch.finfo(dtype).bits // 8, limit)
     edges = torch.zeros(n_f + n_logits, n_nodes, dtype=dtype)
 
     lin = _Linearized(lm, in_names, layers, clean_out, _raw_skip(clt, dtype, tokens.device))
@@ -526,17 +535,25 @@ def attribution_scores(
     input_hook: str = "hook_mlp_in",
     output_hook: str = "hook_mlp_out",
     batch_size: int = DEFAULT_BATCH,
+    max_edge_bytes: int | None = None,
 ) -> dict[str, float]:
     """Mean replacement and completeness scores over the graphs of ``prompts [P, T]`` (BOS at
-    position 0 of each). Returns ``replacement_score``, ``completeness_score``, ``graph_prompts``.
+    position 0 of each). Returns ``replacement_score``, ``completeness_score``, their standard
+    errors over prompts ``replacement_score_se``, ``completeness_score_se`` (sample standard
+    deviation / sqrt(P); only for P >= 2) and ``graph_prompts``. Raises
+    :class:`GraphTooLarge` (from :func:`attribute`) if any prompt's graph does not fit.
     """
     if prompts.ndim != 2 or prompts.shape[0] < 1:
         raise ValueError(f"prompts must be [P, T] with P >= 1, got {tuple(prompts.shape)}")
-    scores = [graph_scores(attribute(lm, clt, p, layers, input_hook, output_hook, batch_size))
-              for p in prompts]
-    replacement, completeness = zip(*scores, strict=True)
-    return {
-        "replacement_score": sum(replacement) / len(scores),
-        "completeness_score": sum(completeness) / len(scores),
-        "graph_prompts": len(scores),
-    }
+    scores = torch.tensor([
+        graph_scores(attribute(lm, clt, p, layers, input_hook, output_hook, batch_size,
+                               max_edge_bytes=max_edge_bytes))
+        for p in prompts], dtype=torch.float64)  # [P, 2]
+    P = scores.shape[0]
+    mean = scores.mean(dim=0)
+    out = {"replacement_score": float(mean[0]), "completeness_score": float(mean[1])}
+    if P > 1:
+        se = scores.std(dim=0) / math.sqrt(P)
+        out.update(replacement_score_se=float(se[0]), completeness_score_se=float(se[1]))
+    out["graph_prompts"] = P
+    return out

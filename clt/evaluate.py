@@ -30,12 +30,24 @@ Definitions (all metrics share them):
 Reconstruction metrics of ``evaluate_run`` (FVU per layer and total, L0 per layer) come from
 ``clt.trainer.evaluate`` on the non-BOS tokens of the same held-out sequences.
 
-Graph scores of ``evaluate_run`` (``replacement_score``, ``completeness_score``, ``graph_prompts``
-in the ``"open"`` dict: the attribution graph reads the features from the original model's
-activations, as the open loop does): circuit-tracer's replacement and completeness scores of the
-unpruned attribution graphs of the first ``eval.graph_prompts`` held-out sequences, cut to
-``eval.graph_prompt_tokens`` tokens (BOS first), averaged over prompts; definitions in
-:mod:`clt.attribution`. Only for transcoders that write ``hook_mlp_out`` (not SAEs, not MOLTs).
+Graph scores of ``evaluate_run`` (``replacement_score``, ``completeness_score``, their standard
+errors ``*_se`` and ``graph_prompts`` in the ``"open"`` dict: the attribution graph reads the
+features from the original model's activations, as the open loop does): circuit-tracer's
+replacement and completeness scores of the unpruned attribution graphs of the first
+``eval.graph_prompts`` held-out sequences, cut to ``eval.graph_prompt_tokens`` tokens (BOS
+first), mean and standard error over prompts; definitions in :mod:`clt.attribution`. Only for
+transcoders that write ``hook_mlp_out`` (not SAEs, not MOLTs).
+
+The exported model: circuit-tracer only ever sees the JumpReLU conversion ``clt.export`` writes
+(:func:`clt.convert.convert`: per-feature thresholds calibrated to the trained selection for
+TopK, the EMA threshold for BatchTopK, folded standardization). For TopK / BatchTopK runs
+``evaluate_run`` builds that model from the same held-out tokens and reports its FVU and L0
+(``result["exported"]``) and its graph scores (``exported_*`` keys of the ``"open"`` dict);
+JumpReLU and ReLU runs are exported as trained, so their scores are the exported ones.
+
+An optional metric that cannot be computed (today: graph scores whose edge rows exceed
+``max_edge_bytes``, e.g. a still-dense JumpReLU model) is left out of the mode dicts and listed in
+``result["skipped"]`` (metric -> reason and hint); the rest of the evaluation still runs.
 """
 
 from __future__ import annotations
@@ -64,12 +76,17 @@ _REPLACEMENT_ROWS = (
     ("kl", "KL(orig || repl) (nats)", "{:.5f}"),
     ("top1_agreement", "top-1 agreement", "{:.4f}"),
 )
-# Rows present only where the graph scores were computed (the "open" dict).
+# Rows present only where the graph scores were computed (the "open" dict); a score with a
+# standard error ("<key>_se") prints as "mean +- se".
 _GRAPH_ROWS = (
-    ("replacement_score", "graph replacement score", "{:.4f}"),
-    ("completeness_score", "graph completeness score", "{:.4f}"),
+    ("replacement_score", "graph replacement score (trained model)", "{:.4f}"),
+    ("completeness_score", "graph completeness score (trained model)", "{:.4f}"),
     ("graph_prompts", "graph prompts", "{}"),
+    ("exported_replacement_score", "graph replacement score (exported JumpReLU)", "{:.4f}"),
+    ("exported_completeness_score", "graph completeness score (exported JumpReLU)", "{:.4f}"),
 )
+GRAPH_HINT = ("fewer tokens per prompt (--graph-tokens / eval.graph_prompt_tokens): the edge rows "
+              "grow with the square of the prompt length")
 
 
 class EvaluationError(ValueError):
@@ -333,6 +350,8 @@ def evaluate_run(
     modes: Sequence[str] = MODES,
     graph_prompts: int | None = None,
     graph_prompt_tokens: int | None = None,
+    max_edge_bytes: int | None = None,
+    export_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run folder's latest checkpoint on held-out text.
 
@@ -342,9 +361,14 @@ def evaluate_run(
     (list per layer) and one dict of :func:`replacement_metrics` per mode under its name; the
     ``"open"`` dict also holds the graph scores (module docstring) unless there are no graph
     prompts, the transcoder does not write ``hook_mlp_out`` or is a MOLT.
-    ``graph_prompts`` and ``graph_prompt_tokens`` default to the run's ``eval`` config.
+    ``graph_prompts`` and ``graph_prompt_tokens`` default to the run's ``eval`` config;
+    ``max_edge_bytes`` bounds one attribution graph (default ``clt.attribution.MAX_EDGE_BYTES``).
+    TopK / BatchTopK runs also get ``exported`` (FVU and L0 of the JumpReLU conversion) and
+    ``exported_*`` graph scores; metrics that could not be computed are listed in ``skipped``
+    (module docstring). ``export_dir``: also write the exported model scored here (or the
+    trained one, for JumpReLU / ReLU runs) there in circuit-tracer's format
+    (:func:`clt.export.export_circuit_tracer`; the folder must be absent or empty).
     """
-    from .attribution import attribution_scores
     from .data.lm import lm_activations
     from .trainer import evaluate
 
@@ -392,16 +416,64 @@ def evaluate_run(
         result[mode] = replacement_metrics(lm, model, tokens, layers, lm_cfg.input_hook,
                                            lm_cfg.output_hook, mode,
                                            batch_size=lm_cfg.lm_batch_size)
-    # graphs need features that write the MLP outputs (not an SAE) and a transcoder's own
-    # encoder/decoder (not a MOLT); a skip connection is a linear path of the graph's model
     from .model import CrossLayerTranscoder
 
+    exported = None
+    if isinstance(model, CrossLayerTranscoder) and model.nonlinearity in ("topk", "batchtopk"):
+        exported = exported_model(model, pairs)
+        converted = evaluate(exported, pairs)
+        result["exported"] = {"nonlinearity": exported.nonlinearity,
+                              "fvu": [float(v) for v in converted["eval/fvu"]],
+                              "fvu_total": float(converted["eval/fvu_total"]),
+                              "l0": [float(v) for v in converted["eval/l0"]]}
+    # graphs need features that write the MLP outputs (not an SAE) and a transcoder's own
+    # encoder/decoder (not a MOLT); a skip connection is a linear path of the graph's model
     graphable = lm_cfg.output_hook == "hook_mlp_out" and isinstance(model, CrossLayerTranscoder)
+    skipped: dict[str, str] = {}
     if "open" in modes and len(prompts) and graphable:
-        result["open"].update(attribution_scores(lm, model, prompts, layers, lm_cfg.input_hook,
-                                                 lm_cfg.output_hook, cfg.eval.graph_batch))
+        for prefix, label, scored in (("", "trained model", model),
+                                      ("exported_", "exported JumpReLU", exported)):
+            if scored is None:
+                continue
+            scores = _graph_scores(lm, scored, prompts, layers, cfg, max_edge_bytes)
+            if isinstance(scores, str):
+                skipped[f"graph scores ({label})"] = scores
+            else:
+                result["open"].update({prefix + key: v for key, v in scores.items()})
+    if skipped:
+        result["skipped"] = skipped
     result["layers"] = list(layers)
+    if export_dir is not None:
+        from .export import export_circuit_tracer
+
+        export_circuit_tracer(model if exported is None else exported, export_dir,
+                              lm_cfg.input_hook, lm_cfg.output_hook, layers,
+                              model_name=lm_cfg.name)
+        result["export_dir"] = str(export_dir)
     return result
+
+
+def exported_model(model, batches):
+    """The model ``clt.export`` would write for a TopK / BatchTopK ``model``: its JumpReLU
+    conversion (thresholds as :func:`clt.convert.convert` sets them by default, calibrated on
+    the raw held-out ``batches``), standardization folded in, eval mode."""
+    from .convert import convert
+
+    return convert(model, batches=batches).folded_copy().eval()
+
+
+def _graph_scores(lm, model, prompts, layers, cfg, max_edge_bytes) -> dict[str, Any] | str:
+    """:func:`clt.attribution.attribution_scores` of ``model`` on ``prompts``, or the reason
+    (with a hint) why they cannot be computed."""
+    from .attribution import GraphTooLarge, attribution_scores
+
+    lm_cfg = cfg.data.lm
+    try:
+        return attribution_scores(lm, model, prompts, layers, lm_cfg.input_hook,
+                                  lm_cfg.output_hook, cfg.eval.graph_batch,
+                                  max_edge_bytes=max_edge_bytes)
+    except GraphTooLarge as exc:
+        return f"{exc}; hint: {GRAPH_HINT}"
 
 
 # ---- command line --------------------------------------------------------------------------
@@ -410,7 +482,13 @@ def evaluate_run(
 def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, formatted value) rows of one result, in table order."""
     rows = [("step", str(result["step"])), ("held-out tokens", str(result["tokens"])),
-            ("FVU total", f"{result['fvu_total']:.4f}")]
+            ("FVU total", f"{result['fvu_total']:.4f}"),
+            ("L0 mean", f"{sum(result['l0']) / len(result['l0']):.2f}")]
+    if "exported" in result:
+        exported = result["exported"]
+        rows += [("FVU total (exported JumpReLU)", f"{exported['fvu_total']:.4f}"),
+                 ("L0 mean (exported JumpReLU)",
+                  f"{sum(exported['l0']) / len(exported['l0']):.2f}")]
     layers = result.get("layers", range(len(result["fvu"])))
     rows += [(f"FVU layer {layer}", f"{v:.4f}") for layer, v in zip(layers, result["fvu"],
                                                                       strict=True)]
@@ -419,8 +497,13 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     for mode in MODES:
         if mode not in result:
             continue
-        rows += [(f"[{mode}] {label}", fmt.format(result[mode][key]))
-                 for key, label, fmt in _REPLACEMENT_ROWS + _GRAPH_ROWS if key in result[mode]]
+        m = result[mode]
+        for key, label, fmt in _REPLACEMENT_ROWS + _GRAPH_ROWS:
+            if key in m:
+                se = f" +- {m[f'{key}_se']:.4f}" if f"{key}_se" in m else ""
+                rows.append((f"[{mode}] {label}", fmt.format(m[key]) + se))
+    rows += [(f"skipped: {metric}", reason)
+             for metric, reason in result.get("skipped", {}).items()]
     return rows
 
 
@@ -460,8 +543,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--graph-tokens", type=int, default=None, metavar="T",
                         help="tokens per graph prompt, BOS included (default: the run's "
                         "eval.graph_prompt_tokens)")
+    parser.add_argument("--export", default=None, metavar="DIR",
+                        help="also write the scored exported model (JumpReLU conversion of a "
+                        "TopK/BatchTopK run) to DIR in circuit-tracer's format (one run only)")
     args = parser.parse_args(argv)
     runs = ([args.run_dir] if args.run_dir else []) + (args.compare or [])
+    if args.export and len(runs) != 1:
+        parser.error("--export takes one run")
     if not runs:
         parser.error("give a RUN_DIR or --compare RUN_DIR [RUN_DIR ...]")
     if args.tokens < 1:
@@ -470,13 +558,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--graph-prompts must be >= 0, got {args.graph_prompts}")
     if args.graph_tokens is not None and args.graph_tokens < 2:
         parser.error(f"--graph-tokens must be >= 2, got {args.graph_tokens}")
+    from .export import ExportError
+
     results = []
     for run in runs:
         try:
             results.append(evaluate_run(run, n_tokens=args.tokens, device=args.device,
                                         graph_prompts=args.graph_prompts,
-                                        graph_prompt_tokens=args.graph_tokens))
-        except EvaluationError as exc:
+                                        graph_prompt_tokens=args.graph_tokens,
+                                        export_dir=args.export))
+        except (EvaluationError, ExportError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
     print(format_table(results))
