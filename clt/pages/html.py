@@ -58,8 +58,8 @@ svg.focus .node { opacity: .25; } svg.focus .node.hl, svg.focus .node.sel { opac
 .node.feature { fill: #8b5cf6; } .node.error { fill: #9ca3af; }
 .node.embedding { fill: #10b981; } .node.logit { fill: #f59e0b; }
 .node.sel { stroke: #111827; stroke-width: 2.5; }
-.label { font: 11px ui-monospace, Menlo, monospace; fill: #1f2328; pointer-events: none; }
-.rowlabel { font: 10px system-ui, sans-serif; fill: #6e7781; }
+.label { font: 13px ui-monospace, Menlo, monospace; fill: #1f2328; pointer-events: none; }
+.rowlabel { font: 9px system-ui, sans-serif; fill: #6e7781; }
 .gridline { stroke: #f0f2f4; }
 #tip { position: absolute; pointer-events: none; background: rgba(17,24,39,.92); color: #fff;
        padding: 5px 8px; border-radius: 4px; font-size: 12px; display: none; max-width: 320px;
@@ -100,8 +100,11 @@ GRAPH_JS = r"""
     return n.clerp || `logit ${n.feature}`;
   }
 
-  // layout: columns as wide as their fullest cell, rows by layer
-  const SP = 13, PAD = 16, MINW = 64, ROWH = 46, TOP = 40, LEFT = 64, LOGITW = 92;
+  // layout: a cell (layer row, position) wraps its nodes in lines of at most PER_LINE; a
+  // column is as wide as its widest line, a row as tall as its fullest cell (rows holding
+  // only error nodes stay thin), so 1000+ nodes fit on a screen
+  const PER_LINE = 6, SP = 12, LINE = 11, PAD = 14, MINW = 70, TOP = 34, LEFT = 52;
+  const LOGITW = 96;
   const cells = new Map();
   nodes.forEach(n => {
     if (n.feature_type === 'logit') return;
@@ -109,29 +112,43 @@ GRAPH_JS = r"""
     if (!cells.has(key)) cells.set(key, []);
     cells.get(key).push(n);
   });
-  const widest = new Array(T).fill(1);
+  const nRows = nLayers + 2;
+  const perLine = new Array(T).fill(1), lines = new Array(nRows).fill(1);
   cells.forEach((list, key) => {
-    const pos = +key.split('/')[1];
-    widest[pos] = Math.max(widest[pos], list.length);
+    const [row, pos] = key.split('/').map(Number);
+    perLine[pos] = Math.max(perLine[pos], Math.min(list.length, PER_LINE));
+    lines[row] = Math.max(lines[row], Math.ceil(list.length / PER_LINE));
   });
   const colX = [], colW = [];
   let x = LEFT;
-  for (let p = 0; p < T; p++) { colX.push(x); colW.push(Math.max(MINW, widest[p] * SP + PAD));
-                                x += colW[p]; }
+  for (let p = 0; p < T; p++) {
+    colX.push(x);
+    colW.push(Math.max(MINW, perLine[p] * SP + PAD));
+    x += colW[p];
+  }
   const logitNodes = nodes.filter(n => n.feature_type === 'logit');
-  const width = Math.max(x, LEFT + logitNodes.length * LOGITW) + 20;
-  const nRows = nLayers + 2;
-  const yOf = row => TOP + (nRows - 1 - row) * ROWH;
-  const height = yOf(0) + 46;
+  const width = Math.max(x, LEFT + logitNodes.length * LOGITW) + 16;
+  // rows from the top: logits, layers high to low, tokens
+  const rowH = lines.map((k, r) => r === 0 ? 44 : r === nRows - 1 ? 34 : 10 + k * LINE);
+  const rowTop = new Array(nRows);
+  let y = TOP;
+  for (let r = nRows - 1; r >= 0; r--) { rowTop[r] = y; y += rowH[r]; }
+  const height = y + 8;
+  const yOf = r => r === 0 ? rowTop[0] + 8 : rowTop[r] + rowH[r] / 2;
   const at = new Map();
   const order = n => n.feature_type === 'mlp reconstruction error' ? 1e12 : featureOf(n)[1];
   cells.forEach((list, key) => {
     const [row, pos] = key.split('/').map(Number);
     list.sort((a, b) => order(a) - order(b));
-    const x0 = colX[pos] + colW[pos] / 2 - (list.length - 1) * SP / 2;
-    list.forEach((n, i) => at.set(n.node_id, [x0 + i * SP, yOf(row)]));
+    const k = Math.ceil(list.length / PER_LINE);
+    list.forEach((n, i) => {
+      const line = Math.floor(i / PER_LINE), inLine = Math.min(PER_LINE,
+                                                                list.length - line * PER_LINE);
+      const x0 = colX[pos] + colW[pos] / 2 - (inLine - 1) * SP / 2;
+      at.set(n.node_id, [x0 + (i % PER_LINE) * SP, yOf(row) + (line - (k - 1) / 2) * LINE]);
+    });
   });
-  logitNodes.forEach((n, j) => at.set(n.node_id, [width - 20 - (j + 0.5) * LOGITW,
+  logitNodes.forEach((n, j) => at.set(n.node_id, [width - 16 - (j + 0.5) * LOGITW,
                                                   yOf(nRows - 1)]));
 
   function el(name, attrs, parent) {
@@ -148,10 +165,10 @@ GRAPH_JS = r"""
     el('text', {class: 'rowlabel', x: 6, y: yOf(r) + 3}, grid).textContent = name;
   }
   for (let p = 0; p < T; p++) {
-    const t = el('text', {class: 'label', x: colX[p] + colW[p] / 2, y: yOf(0) + 24,
+    const t = el('text', {class: 'label', x: colX[p] + colW[p] / 2, y: yOf(0) + 22,
                           'text-anchor': 'middle'}, grid);
     const text = meta.prompt_tokens[p];
-    t.textContent = text.length > 9 ? text.slice(0, 8) + '\u2026' : text;
+    t.textContent = text.length > 10 ? text.slice(0, 9) + '\u2026' : text;
     el('title', {}, t).textContent = text;
   }
   logitNodes.forEach(n => {
@@ -179,7 +196,7 @@ GRAPH_JS = r"""
     const kind = {'cross layer transcoder': 'feature', 'mlp reconstruction error': 'error',
                   'embedding': 'embedding', 'logit': 'logit'}[n.feature_type];
     const e = kind === 'feature'
-      ? el('circle', {cx, cy, r: 4.5}, nodeLayer)
+      ? el('circle', {cx, cy, r: 4.2}, nodeLayer)
       : el('rect', {x: cx - 5, y: cy - 5, width: 10, height: 10,
                     rx: kind === 'error' ? 1 : 3}, nodeLayer);
     e.setAttribute('class', 'node ' + kind);
@@ -483,7 +500,7 @@ FEATURE_JS = r"""
       'activation (nonzero values), bins of ' + r.hist_width.toPrecision(3)) :
       '<p class="muted">never fired on the scanned tokens</p>';
     $('decoder').innerHTML = bars(r.decoder.norms, r.decoder.layers.map(l => 'L' + l), 420, 110,
-      '#8b5cf6', 'decoder norm ||W_dec[f, t]|| per target layer t');
+      '#8b5cf6', 'decoder norm per target layer (raw scale)');
     const chips = list => list.map(([t, v]) => `<span class="chip" title="${v}">` +
       `${esc(t)}</span>`).join('');
     $('logits').innerHTML = '<div><b>top</b> ' + chips(r.top_logits) + '</div><div>' +
@@ -529,6 +546,7 @@ h2 {{ font-size: 13px; text-transform: uppercase; color: #57606a; margin: 0 0 6p
             overflow: hidden; }}
 .context .act {{ display: inline-block; width: 64px; color: #57606a;
                  font-family: ui-monospace, Menlo, monospace; }}
+.context .tok {{ padding: 0; }}
 .tok.peak {{ outline: 1.5px solid #9a3412; }}
 </style></head>
 <body><header><h1 id="title">loading&hellip;</h1><div class="sub">
