@@ -558,7 +558,7 @@ def test_feature_subset(run, run_dir, tmp_path):
     assert not (tmp_path / "sub" / "data" / f"l{run.layers[0]}").exists()
 
 
-def test_write_run_pages_and_wandb(run_dir):
+def test_write_run_pages_and_wandb(run_dir, browser_page):  # noqa: F811
     logged = {}
 
     class FakeRun:
@@ -579,6 +579,33 @@ def test_write_run_pages_and_wandb(run_dir):
     again = write_run_pages(run_dir, None, "cpu", log=lambda s: None, wandb_run=FakeRun(),
                             n_tokens=32)
     assert again == out and not [p for p in run_dir.iterdir() if p.name.startswith(".pages")]
+    # the run's pages link to each other: index -> graph -> a feature node -> its page
+    data = json.loads(next(p for p in (out / "graph").glob("*.json")
+                           if p.name != "graph-metadata.json").read_text())
+    page = browser_page()
+    page.goto((out / "index.html").as_uri())
+    page.click("#graph-link")
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.locator("#nodes .node").count() == len(data["nodes"])
+    node = next(n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")
+    page.locator(f"#nodes [data-id='{node['node_id']}']").click(force=True)
+    page.locator("#feature-link").click()
+    page.wait_for_selector("body[data-ready='1']")
+    layer, f, _ = node["node_id"].split("_")
+    assert page.locator("#title").inner_text() == f"Layer {layer} · feature {f}"
+    assert page.errors == []
+
+
+def test_write_run_pages_of_an_sae_has_features_and_no_graph(tmp_path):
+    path, sae = write_run_config(
+        tmp_path, "topk", "lm", name="sae", model={"n_features": 16, "reach": 1},
+        data={"lm": {**TINY_LM, "producer_thread": False, "output_hook": "hook_mlp_in"}},
+        train={"steps": 2}, eval={"every": 2, "tokens": 64, "replacement_tokens": 0},
+        checkpoint={"every": 2, "keep_last": 1})
+    train.main([str(path)])
+    out = write_run_pages(sae, None, log=lambda s: None, n_tokens=32)
+    assert (out / "features" / "index.html").is_file() and not (out / "graph").exists()
+    assert "No attribution graph" in (out / "index.html").read_text()
 
 
 def test_write_run_pages_refuses_a_foreign_pages_folder(tmp_path):

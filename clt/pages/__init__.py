@@ -36,20 +36,22 @@ def write_run_pages(run_dir: str | Path, cfg: Any = None, device: str = "cpu",
     run_dir = Path(run_dir)
     out = check_out_dir(run_dir / "pages", PAGES_MARKER, overwrite=True, inside_run=True)
     run = load_run_as_exported(run_dir, device, log)
-    prompt_len = min(run.cfg.eval.graph_prompt_tokens, run.cfg.data.lm.seq_len)
-    tokens = next(iter(run.heldout(1)))[0, :prompt_len]
-    data, _, _ = build_graph(run, tokens)
+    data = None
+    if run.output_hook == "hook_mlp_out":  # an SAE's features do not write the MLP outputs
+        prompt_len = min(run.cfg.eval.graph_prompt_tokens, run.cfg.data.lm.seq_len)
+        data, _, _ = build_graph(run, next(iter(run.heldout(1)))[0, :prompt_len])
     with staged_output(out, PAGES_MARKER, {"command": "clt.pages", "run": str(run_dir)}) as tmp:
-        (tmp / "graph").mkdir()
-        write_graph_files(tmp / "graph", data, "../features/")
+        if data is not None:
+            (tmp / "graph").mkdir()
+            write_graph_files(tmp / "graph", data, "../features/")
         (tmp / "features").mkdir()
         summary = build_features(run, tmp / "features", n_tokens or DEFAULT_TOKENS,
                                  progress=False)
-        (tmp / "index.html").write_text(run_index_page(str(run_dir), data["metadata"]["prompt"],
-                                                       data, summary))
-    log(f"pages: {out / 'index.html'} (graph: {len(data['nodes'])} nodes, "
-        f"{len(data['links'])} edges; {summary['scanned']} features on {summary['tokens']} "
-        f"tokens) in {time.perf_counter() - start:.0f} s")
+        (tmp / "index.html").write_text(run_index_page(str(run_dir), data, summary))
+    graph = "no graph (features write " + run.output_hook + ")" if data is None else \
+        f"graph: {len(data['nodes'])} nodes, {len(data['links'])} edges"
+    log(f"pages: {out / 'index.html'} ({graph}; {summary['scanned']} features on "
+        f"{summary['tokens']} tokens) in {time.perf_counter() - start:.0f} s")
     _log_to_wandb(out, wandb_run)
     return out
 

@@ -565,16 +565,20 @@ h2 {{ font-size: 13px; text-transform: uppercase; color: #57606a; margin: 0 0 6p
 """
 
 
-def run_index_page(run: str, prompt: str, graph: dict[str, Any], summary: dict[str, Any]) -> str:
-    """``RUN/pages/index.html``: links to the graph and the feature index."""
+def run_index_page(run: str, graph: dict[str, Any] | None, summary: dict[str, Any]) -> str:
+    """``RUN/pages/index.html``: links to the graph (if any) and the feature index."""
+    item = "<li>No attribution graph: the features do not write hook_mlp_out.</li>"
+    if graph is not None:
+        prompt = html.escape(graph["metadata"]["prompt"])
+        item = (f'<li><a id="graph-link" href="graph/index.html">Attribution graph</a> of '
+                f'<span class="tok">{prompt}</span>: {len(graph["nodes"])} nodes, '
+                f'{len(graph["links"])} edges after pruning</li>')
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Pages of {html.escape(run)}</title>
 <style>{CSS} main {{ padding: 12px 16px; }} li {{ margin: 6px 0; }}</style></head>
 <body><header><h1>{html.escape(run)}</h1><div class="sub">step {summary['step']}, features
 as exported ({html.escape(summary['nonlinearity'])})</div></header><main><ul>
-<li><a id="graph-link" href="graph/index.html">Attribution graph</a> of
-<span class="tok">{html.escape(prompt)}</span>: {len(graph['nodes'])} nodes,
-{len(graph['links'])} edges after pruning</li>
+{item}
 <li><a id="features-link" href="features/index.html">Feature index</a>: {summary['scanned']}
 features scanned on {summary['tokens']} held-out tokens</li></ul></main></body></html>
 """
