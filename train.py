@@ -31,6 +31,7 @@ from clt.checkpoint import (
     clean_run_dir,
     latest_good_checkpoint,
     load_checkpoint,
+    quarantine,
     resume_changes,
 )
 from clt.config import main_config, save_config
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def rank_prefix(mesh: Mesh) -> str:
-    return f"rank {mesh.rank} of {mesh.world_size}: " if mesh.world_size > 1 else ""
+    return f"rank {mesh.rank} of {mesh.world_size} failed: " if mesh.world_size > 1 else ""
 
 
 def claim_run_dir(cfg, args, mesh: Mesh) -> tuple[Path, RunLock | None]:
@@ -180,8 +181,10 @@ def resume_state(cfg, run_dir: Path, mesh: Mesh):
     path = None
     if mesh.is_main:
         try:
-            path = latest_good_checkpoint(run_dir, warn=lambda m: print(m, file=sys.stderr),
-                                          load=False)[0]
+            path, _, skipped = latest_good_checkpoint(
+                run_dir, warn=lambda m: print(m, file=sys.stderr), load=False)
+            for bad in skipped:  # out of the way of rotation, which would keep it over good ones
+                print(f"moved it to {quarantine(bad).name}", file=sys.stderr)
         except CheckpointError as exc:
             path = exc
     path = mesh.broadcast_object(path)
@@ -257,8 +260,9 @@ def train(cfg, args, mesh: Mesh, run_dir: Path) -> None:
     steps = range(first_step, tcfg.steps + 1)
     try:
         with profiler(run_dir, tcfg.profile_steps, device, mesh) as prof:
+            # rank 0 draws a bar on a terminal only (logs and captured stderr stay readable)
             progress = tqdm(steps, unit="step", initial=first_step - 1, total=tcfg.steps,
-                            disable=not mesh.is_main)
+                            disable=None if mesh.is_main else True)
             for step in progress:
                 metrics = train_step(model, optimizer, scheduler, batches, weights, step - 1, tcfg,
                                      scaler, counter, mesh, grad_sync)

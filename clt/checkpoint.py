@@ -81,13 +81,18 @@ class _HashingWriter(io.RawIOBase):
 
     def __init__(self, f) -> None:
         self.f, self.sha = f, hashlib.sha256()
+        self.error: OSError | None = None  # torch.save hides it behind a zip-writer error
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
         self.sha.update(b)
-        return self.f.write(b)
+        try:
+            return self.f.write(b)
+        except OSError as exc:
+            self.error = exc
+            raise
 
 
 def _save_tmp(obj: Any, path: Path) -> tuple[Path, str]:
@@ -95,6 +100,7 @@ def _save_tmp(obj: Any, path: Path) -> tuple[Path, str]:
     and the file's sha256. A failure (e.g. a full disk) removes the partial file and re-raises
     the ``OSError`` naming ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    writer = None
     try:
         with os.fdopen(fd, "wb") as f:
             writer = _HashingWriter(f)
@@ -104,8 +110,11 @@ def _save_tmp(obj: Any, path: Path) -> tuple[Path, str]:
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and not exc.filename:
-            exc.filename = str(path)
+        error = writer.error if writer is not None and writer.error is not None else exc
+        if isinstance(error, OSError) and not error.filename:
+            error.filename = str(path)
+        if error is not exc:
+            raise error from None
         raise
     return Path(tmp), writer.sha.hexdigest()
 
@@ -276,24 +285,36 @@ def verify_checkpoint(path: Path) -> bool:
 
 def latest_good_checkpoint(
     run_dir: Path, warn: Callable[[str], None] | None = None, load: bool = True,
-) -> tuple[Path, dict | None]:
-    """The newest checkpoint whose files verify (and load, with ``load``), with its state.
-    Every newer one that does not is skipped with a ``warn`` line saying why; raises
-    ``CheckpointError`` when none is usable."""
+) -> tuple[Path, dict | None, list[Path]]:
+    """``(path, state, skipped)``: the newest checkpoint whose files verify (and load, with
+    ``load``; else ``state`` is None) and the newer ones that do not, each reported by a
+    ``warn`` line saying why. Raises ``CheckpointError`` when none is usable."""
     found = list_checkpoints(run_dir)
     if not found:
         raise CheckpointError(f"no checkpoint (step_*.pt or step_*/manifest.json) in {run_dir}")
-    reasons = []
+    reasons, skipped = [], []
     for path in reversed(found):
         try:
             state = load_checkpoint(path) if load else (verify_checkpoint(path) and None)
         except CheckpointError as exc:
             reasons.append(str(exc))
+            skipped.append(path)
             if warn is not None:
                 warn(f"warning: skipped checkpoint {path.name}: {exc}")
             continue
-        return path, state
+        return path, state, skipped
     raise CheckpointError(f"no usable checkpoint in {run_dir}: " + "; ".join(reasons))
+
+
+def quarantine(path: Path) -> Path:
+    """Rename a checkpoint that failed verification to ``NAME.corrupt`` (and its checksum):
+    kept for inspection, never again a candidate, and not counted by rotation."""
+    target = path.with_name(path.name + ".corrupt")
+    os.replace(path, target)
+    sidecar = path.with_name(path.name + SUM_SUFFIX)
+    if sidecar.is_file():
+        os.replace(sidecar, target.with_name(target.name + SUM_SUFFIX))
+    return target
 
 
 def _read(path: Path, mmap: bool = False) -> Any:
@@ -364,8 +385,8 @@ def check_compatible(saved: dict, cfg: Config, path: Path) -> None:
         for f in SHAPE_FIELDS if _field(saved, f) != _field(current, f)
     ]
     if diffs:
-        raise CheckpointError(f"checkpoint {path} was trained with a different shape:\n  "
-                              + "\n  ".join(diffs))
+        raise CheckpointError(f"checkpoint {path} was trained with a different shape: "
+                              + "; ".join(diffs))
 
 
 # Fields a resume may change (prefixes end with "."): they take effect from the next step.
@@ -409,9 +430,8 @@ def resume_changes(saved: dict, cfg: Config, path: Path) -> dict[str, tuple[Any,
                           for f in RESUME_MAY_CHANGE)]
     if refused:
         raise CheckpointError(
-            "--resume cannot change these fields (they would change the data stream or the "
-            "objective of a run in progress; start a new run instead):\n  "
-            + "\n  ".join(refused))
+            f"--resume cannot change {'; '.join(refused)}: that would change the data stream or "
+            "the objective of a run in progress (start a new run instead)")
     return changes
 
 

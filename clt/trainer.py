@@ -389,7 +389,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", warn=None)
         raise CheckpointError(f"{run_dir}: no such run folder")
     cfg = load_config(run_dir / "config.json")
     warn = warn or (lambda line: print(line, file=sys.stderr))
-    path, state = latest_good_checkpoint(run_dir, warn)
+    path, state, _ = latest_good_checkpoint(run_dir, warn)
     if "config" in state:
         check_compatible(state["config"], cfg, path)
     weights = state["model"]
