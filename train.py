@@ -10,8 +10,9 @@
 Reads top to bottom: config -> process group -> seed -> data -> model -> standardization (or
 resume) -> optimizer -> loop (log, evaluate, checkpoint) -> summary -> teardown. Under torchrun
 every process runs this file; rank 0 logs, plots and evaluates the replacement model.
-Exit status: 0 done, 1 training diverged (NaN/inf loss; the last good checkpoint is kept) or a
-rank failed, 2 bad config, command line or checkpoint.
+Exit status: 0 done, 1 training diverged (NaN/inf loss, gradient norm or weights; the last good
+checkpoint is kept), an I/O failure (e.g. a full disk) or a failed rank, 2 bad config, command
+line, run folder (taken, locked, unwritable), checkpoint or data. Errors are one line.
 """
 
 from __future__ import annotations

@@ -293,6 +293,8 @@ def test_resume_applies_a_new_learning_rate_and_refuses_stream_changes(tmp_path)
     refused = run("train.py", "--resume", str(run_dir), "--set", "train.seed=7",
                   "--set", "train.steps=9")
     assert_fails_cleanly(refused, 2, "train.seed: checkpoint has 0, now 7")
+    reshaped = run("train.py", "--resume", str(run_dir), "--set", "data.synthetic.d_in=20")
+    assert_fails_cleanly(reshaped, 2, "different shape", "data.synthetic")
     assert snapshot(run_dir) == before
     done = run("train.py", "--resume", str(run_dir), "--set", "train.lr=0.0005",
                "--set", "train.steps=10")
