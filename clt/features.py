@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -292,43 +293,46 @@ def feature_records(run: ExportedRun, scan: Scan, progress: bool = True
         ids = layer_scan.ids
         norms = blocks[i][ids].norm(dim=-1) if len(ids) else torch.zeros(0, 1)  # [n, R_s]
         targets = run.layers[i : i + blocks[i].shape[1]]
-        hi_v, hi_i, lo_v, lo_i = _logits(run, blocks, i, ids)
+        hi_v, hi_i, lo_v, lo_i = (t.tolist() for t in _logits(run, blocks, i, ids))
+        # one conversion per layer: per-feature tensor indexing costs more than the work
+        top_values = layer_scan.top_values.T.tolist()  # [n][top]
+        top_rows = layer_scan.top_rows.T.tolist()
+        windows = layer_scan.windows.permute(1, 0, 2).float().numpy()  # [n, top, W]
+        counts, his = layer_scan.counts.tolist(), layer_scan.hi.tolist()
+        hists, norm_rows = layer_scan.hist.tolist(), norms.tolist()
         records = []
         for j, f in enumerate(ids.tolist()):
-            count = int(layer_scan.counts[j])
-            values = layer_scan.top_values[:, j]
+            count = counts[j]
             contexts = []
-            for slot in range(values.shape[0]):
-                value = float(values[slot])
+            for slot, value in enumerate(top_values[j]):
                 if not value > 0:
                     break
-                row = int(layer_scan.top_rows[slot, j])
-                seq, pos = divmod(row, T)
-                window = layer_scan.windows[slot, j].float()
-                start = pos - scan.before
-                keep = ~window.isnan()
-                first = start + int(keep.nonzero()[0])
-                acts = [round(v, 5) for v in window[keep].tolist()]
-                token_ids = flat_tokens[seq * T + first : seq * T + first + len(acts)]
+                seq, pos = divmod(top_rows[j][slot], T)
+                window = windows[j, slot]
+                keep = ~np.isnan(window)  # a contiguous run: NaN only past the sequence ends
+                offset, n_keep = int(keep.argmax()), int(keep.sum())
+                first = pos - scan.before + offset
+                acts = np.round(window[offset : offset + n_keep], 5).tolist()
+                token_ids = flat_tokens[seq * T + first : seq * T + first + n_keep]
                 contexts.append({"seq": seq, "pos": pos, "act": value, "start": first,
                                  "tokens": strings(token_ids), "acts": acts})
             max_act = contexts[0]["act"] if contexts else 0.0
-            hist = layer_scan.hist[j].tolist()
-            width = float(layer_scan.hi[j]) / bins
+            hist = hists[j]
+            width = his[j] / bins
             used = min(bins, math.floor(max_act / width) + 1) if count and width else 0
-            n2 = norms[j].square()
-            spread = float(1 - n2[0] / n2.sum()) if float(n2.sum()) > 0 else 0.0
+            n2 = [v * v for v in norm_rows[j]]
+            spread = 1 - n2[0] / sum(n2) if sum(n2) > 0 else 0.0
             records.append({
                 "layer": lm_layer, "feature": f, "count": count, "tokens": scan.n_tokens,
                 "density": count / scan.n_tokens, "max": max_act,
                 "hist": hist[:used], "hist_width": width,
                 "quantiles": _percentiles(hist[:used], width) if used else [],
-                "decoder": {"layers": targets, "norms": [round(v, 6) for v in norms[j].tolist()]},
+                "decoder": {"layers": targets, "norms": [round(v, 6) for v in norm_rows[j]]},
                 "spread": spread,
-                "top_logits": list(zip(strings(hi_i[j].tolist()),
-                                       [round(v, 4) for v in hi_v[j].tolist()], strict=True)),
-                "bottom_logits": list(zip(strings(lo_i[j].tolist()),
-                                          [round(v, 4) for v in lo_v[j].tolist()], strict=True)),
+                "top_logits": list(zip(strings(hi_i[j]), [round(v, 4) for v in hi_v[j]],
+                                       strict=True)),
+                "bottom_logits": list(zip(strings(lo_i[j]), [round(v, 4) for v in lo_v[j]],
+                                          strict=True)),
                 "contexts": contexts,
             })
             bar.update(1)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -275,7 +276,7 @@ def write_graph(run_dir: str | Path, out_dir: str | Path, prompt: str,
                                  prompt=prompt)
     link = None
     if feature_pages is not None:
-        link = Path(_relative(Path(feature_pages).resolve(), out)).as_posix() + "/"
+        link = Path(os.path.relpath(Path(feature_pages).resolve(), out)).as_posix() + "/"
     with staged_output(out, MARKER, {"command": "clt.graph", "run": str(run_dir),
                                      "prompt": prompt}) as tmp:
         write_graph_files(tmp, data, link)
@@ -283,12 +284,6 @@ def write_graph(run_dir: str | Path, out_dir: str | Path, prompt: str,
         f"{len(data['nodes'])} nodes and {len(data['links'])} edges after pruning "
         f"(node threshold {node_threshold}, edge threshold {edge_threshold}) -> {out}")
     return data
-
-
-def _relative(target: Path, start: Path) -> str:
-    import os
-
-    return os.path.relpath(target, start)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
