@@ -51,8 +51,8 @@ def test_presets_exist():
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_preset_loads_and_round_trips(preset: Path, tmp_path: Path):
     cfg = load_config(preset)
-    # embedded presets: SmolLM2 layers 0-7; GPT-2 presets: all 12 layers
-    assert cfg.n_layers == (12 if preset.parent.name == "gpt2" else 8)
+    # embedded presets: SmolLM2 layers 0-7 (full/: all 30); GPT-2 presets: all 12 layers
+    assert cfg.n_layers == {"gpt2": 12, "full": 30}.get(preset.parent.name, 8)
     saved = tmp_path / "saved.json"
     save_config(cfg, saved)
     assert load_config(saved) == cfg
