@@ -1,7 +1,7 @@
 """Whole-pipeline figure: tokens/s of ``train.py`` and where a step's wall time goes.
 
-    cd /work/main && .venv/bin/python bench/pipeline.py                    # default config
-    cd /work/main && .venv/bin/python bench/pipeline.py configs/topk-clt.json --steps 40 \
+    .venv/bin/python bench/pipeline.py                    # default config
+    .venv/bin/python bench/pipeline.py configs/topk-clt.json --steps 40 \
         --profile-steps 20 --set model.n_features=4096
 
 Runs ``train.main`` in this process on the given config (default ``configs/topk-clt.json``, the

@@ -1,7 +1,7 @@
 """Activation pipeline throughput: tokens/s served by `ActivationSource.next_batch`.
 
-    cd /work/main && .venv/bin/python -m pytest bench/test_data_bench.py            # all
-    cd /work/main && .venv/bin/python -m pytest bench/test_data_bench.py -m "not slow"  # tiny only
+    .venv/bin/python -m pytest bench/test_data_bench.py            # all
+    .venv/bin/python -m pytest bench/test_data_bench.py -m "not slow"  # tiny only
 
 ``producer`` serves activations of the tiny LM to a consumer that does a fixed amount of matmul
 work per batch (a stand-in for a CLT step), with and without the background producer thread:

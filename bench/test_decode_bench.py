@@ -1,6 +1,6 @@
 """Sparse crosslayer decode: the Triton kernels, the torch sparse path and a dense baseline.
 
-    cd /work/main && .venv/bin/python -m pytest bench/test_decode_bench.py
+    .venv/bin/python -m pytest bench/test_decode_bench.py
 
 Modes ``fwd``, ``bwd`` (backward of a forward done outside the timer) and ``fwd+bwd``, each for
 ``dense`` (one GEMM per source over all F features of a ``[L, N, F]`` activation, what earlier

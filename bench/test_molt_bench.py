@@ -1,6 +1,6 @@
 """MOLT: the sparse op (torch path; Triton on CUDA) against the dense loop over all transforms.
 
-    cd /work/main && .venv/bin/python -m pytest bench/test_molt_bench.py
+    .venv/bin/python -m pytest bench/test_molt_bench.py
 
 ``dense`` applies every transform to every token and weighs it by the dense ``[L, N, T]`` gate,
 in its strongest form: two GEMMs per rank group (``x @ [V_1; ...; V_T]^T``, scaled by the gate,

@@ -1,6 +1,6 @@
 """Sparse ops against the dense baseline of earlier trainers, at a CPU-sized TopK CLT shape.
 
-    cd /work/main && .venv/bin/python -m pytest bench
+    .venv/bin/python -m pytest bench
 
 Groups put the two implementations side by side: ``decode-fwd``, ``decode-fwd+bwd``,
 ``encode-fwd``, ``encode-fwd+bwd``, each with ``sparse`` (the public op, whatever path it

@@ -291,7 +291,9 @@ def latest_good_checkpoint(
     ``warn`` line saying why. Raises ``CheckpointError`` when none is usable."""
     found = list_checkpoints(run_dir)
     if not found:
-        raise CheckpointError(f"no checkpoint (step_*.pt or step_*/manifest.json) in {run_dir}")
+        raise CheckpointError(f"no checkpoint (step_*.pt or step_*/manifest.json) in {run_dir}: "
+                              "a run that stopped before its first checkpoint cannot be resumed "
+                              "(start it again under another logging.run_name)")
     reasons, skipped = [], []
     for path in reversed(found):
         try:

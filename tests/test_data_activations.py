@@ -375,6 +375,7 @@ def test_build_source_cache_skips_the_lm(corpus, tmp_path, monkeypatch):
     path, _ = corpus
     raw = json.loads((Path(__file__).parents[1] / "configs" / "topk-clt.json").read_text())
     raw["model"]["layers"] = [0, 1]
+    raw["train"]["batch_tokens"] = 256  # what the buffer below holds
     raw["data"]["lm"] = {"name": "tiny", "dataset": str(path), "seq_len": 16,
                          "buffer_tokens": 256, "lm_batch_size": 4, "heldout_fraction": 0.2,
                          "cache_dir": str(tmp_path / "acts"), "cache_shard_tokens": 100,

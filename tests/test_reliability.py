@@ -161,7 +161,11 @@ def test_export_refuses_its_own_run_and_every_folder_around_it(tmp_path, capsys)
             main([str(run_dir), str(out), "--overwrite", "--tokens", "64"])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.count("\n") == 1 and str(out) in err, err
-    assert snapshot(tmp_path) == before
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main([str(run_dir), str(tmp_path / "a_file" / "out")])
+    assert exc.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+    assert snapshot(tmp_path) == {**before, "a_file": snapshot(tmp_path)["a_file"]}
 
 
 # ---- checkpoints: atomic sharded folders, checksums ------------------------------------------
