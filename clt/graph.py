@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from .attribution import AttributionGraph, attribute, node_influence, normalize_rows
+from .attribution import AttributionGraph, attribute, node_influence
 from .pages.common import (
     PagesError,
     check_out_dir,
@@ -112,25 +112,29 @@ def prune(graph: AttributionGraph, node_threshold: float = NODE_THRESHOLD,
     for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
-    A = graph.edges.double()
     rows = graph.row_nodes()
     n_f, n_nodes = graph.n_features, graph.n_nodes
     fixed = graph.token_nodes.start  # tokens and logits from here on
-    weights = A.new_zeros(A.shape[0])
+    weights = torch.zeros(rows.shape[0], dtype=torch.float64)
     weights[n_f:] = graph.logit_probabilities.double()
 
-    influence = node_influence(graph, normalize_rows(A))
+    # one float64 [n_rows, n_nodes] matrix, transformed in place (|A|, pruned, normalized,
+    # edge scores), plus one normalized copy for the node influence
+    work = graph.edges.double().abs_()
+    influence = node_influence(graph, work / work.sum(1, keepdim=True).clamp(min=1e-10))
     node_mask = influence >= find_threshold(influence, node_threshold)
     node_mask[fixed:] = True
 
-    pruned = A.clone()
-    pruned[~node_mask[rows]] = 0
-    pruned[:, ~node_mask] = 0
-    normalized = normalize_rows(pruned)
-    pruned_influence = _influence(normalized, rows, weights)[rows] + weights
-    scores = normalized * pruned_influence[:, None]
-    edge_mask = scores >= find_threshold(scores, edge_threshold, n_nodes * n_nodes)
-    edge_mask &= A != 0
+    work[~node_mask[rows]] = 0
+    work[:, ~node_mask] = 0
+    work.div_(work.sum(1, keepdim=True).clamp(min=1e-10))
+    pruned_influence = _influence(work, rows, weights)[rows] + weights
+    scores = work.mul_(pruned_influence[:, None])
+    # zero scores sort last and add nothing: the threshold comes from the positive ones
+    threshold = find_threshold(scores[scores > 0], edge_threshold, n_nodes * n_nodes)
+    edge_mask = scores >= threshold
+    del work, scores
+    edge_mask &= graph.edges != 0
 
     while True:
         before = node_mask.clone()
