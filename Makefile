@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup train test bench lint
+.PHONY: setup train test bench bench-smoke lint
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest bench
+
+# every benchmark once (one round, no warmup): CI runs it so that no benchmark rots
+bench-smoke: $(STAMP)
+	CLT_BENCH_SMOKE=1 $(PY) -m pytest bench -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -3,6 +3,9 @@
 CPU machines here are shared and noisy, so only ratios measured in the same run mean anything:
 every benchmark stores its median and min under (group, impl) and the terminal summary divides
 them (the min is the least disturbed by other processes; the median is pytest-benchmark's figure).
+
+``CLT_BENCH_SMOKE=1`` (``make bench-smoke``, run by CI) times every benchmark once, without warmup:
+the numbers mean nothing, but every benchmark and its correctness checks run, so none rots.
 """
 
 import os
@@ -17,6 +20,23 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # group -> impl -> (median, min) seconds, filled by the users of the ``timings`` fixture
 _TIMINGS: dict[str, dict[str, tuple[float, float]]] = {}
+
+
+SMOKE = os.environ.get("CLT_BENCH_SMOKE", "0") == "1"
+
+
+@pytest.fixture
+def benchmark(benchmark):
+    """pytest-benchmark's fixture; in smoke mode ``pedantic`` runs one round, no warmup."""
+    if SMOKE:
+        pedantic = benchmark.pedantic
+
+        def once(target, args=(), kwargs=None, setup=None, **_):
+            return pedantic(target, args=args, kwargs=kwargs, setup=setup, rounds=1,
+                            warmup_rounds=0, iterations=1)
+
+        benchmark.pedantic = once
+    return benchmark
 
 
 @pytest.fixture
