@@ -60,6 +60,14 @@ CASES = [  # (nonlinearity, reach, extra model kwargs)
 ]
 
 
+@pytest.fixture(autouse=True)
+def torch_ops(monkeypatch):
+    """What is under test is the sharding, not the kernels (tested on their own against the
+    same torch paths): the reference and the spawned workers (who inherit the environment) run
+    the torch paths, not Triton through the interpreter, which took most of this file's time."""
+    monkeypatch.setenv("CLT_FORCE_TORCH", "1")
+
+
 def model_kwargs(case) -> dict:
     kind, reach, extra = case
     return {"n_layers": L, "d_in": D_IN, "d_out": D_OUT, "n_features": F, "reach": reach,
