@@ -317,6 +317,15 @@ def test_graph_page_in_chromium(run, outputs, browser_page):  # noqa: F811
     assert page.locator("#nodes .node.feature").count() == n_features > 0
     assert page.locator("#edges .edge.neg").count() == sum(x["weight"] < 0
                                                            for x in data["links"])
+    # the edge filter hides the edges below a share of the largest |weight|
+    page.locator("#edge-filter").fill("10")
+    biggest = max(abs(x["weight"]) for x in data["links"])
+    strong = sum(abs(x["weight"]) >= 0.1 * biggest * (1 - 1e-9) for x in data["links"])
+    assert page.locator("#n-shown").inner_text() == str(strong)
+    shown = page.locator("#edges .edge").evaluate_all(
+        "els => els.filter(e => getComputedStyle(e).display !== 'none').length")
+    assert shown == strong < len(data["links"])
+    page.locator("#edge-filter").fill("0")
     # click the most influential feature node: its inputs, outputs and its page
     node = min((n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"),
                key=lambda n: n["influence"])

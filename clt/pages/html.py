@@ -50,9 +50,9 @@ body { height: 100vh; display: flex; flex-direction: column; overflow: hidden; }
 #panel ol { margin: 0; padding-left: 22px; }
 #panel li { cursor: pointer; padding: 1px 0; }
 #panel li:hover { background: #f3f4f6; }
-.edge { fill: none; stroke-linecap: round; opacity: .28; }
+.edge { fill: none; stroke-linecap: round; }
 .edge.pos { stroke: #2563eb; } .edge.neg { stroke: #dc2626; }
-svg.focus .edge { opacity: .03; } svg.focus .edge.hl { opacity: .9; }
+svg.focus .edge { opacity: .15; } svg.focus .edge.hl { opacity: 1; stroke-opacity: .9; }
 svg.focus .node { opacity: .25; } svg.focus .node.hl, svg.focus .node.sel { opacity: 1; }
 .node { cursor: pointer; stroke: #fff; stroke-width: 1; }
 .node.feature { fill: #8b5cf6; } .node.error { fill: #9ca3af; }
@@ -179,16 +179,30 @@ GRAPH_JS = r"""
       n.token_prob.toFixed(2);
   });
 
-  const maxW = Math.max(1e-12, ...links.map(l => Math.abs(l.weight)));
+  // width and opacity grow with |weight| / max |weight|: weak edges fade into the background
+  const maxW = links.reduce((m, l) => Math.max(m, Math.abs(l.weight)), 1e-12);
+  const strength = links.map(l => Math.sqrt(Math.abs(l.weight) / maxW));
   const edgeLayer = el('g', {id: 'edges'}, view);
   const edgeEls = links.map((l, i) => {
     const [x1, y1] = at.get(l.source), [x2, y2] = at.get(l.target);
-    const w = 0.4 + 3.6 * Math.sqrt(Math.abs(l.weight) / maxW);
     const midY = (y1 + y2) / 2;
     return el('path', {class: 'edge ' + (l.weight >= 0 ? 'pos' : 'neg'), 'data-i': i,
                        d: `M${x1},${y1} C${x1},${midY} ${x2},${midY} ${x2},${y2}`,
-                       'stroke-width': w.toFixed(2)}, edgeLayer);
+                       'stroke-width': (0.4 + 3.6 * strength[i]).toFixed(2),
+                       'stroke-opacity': (0.05 + 0.55 * strength[i]).toFixed(3)}, edgeLayer);
   });
+  const filter = document.getElementById('edge-filter');
+  function filterEdges() {
+    const cut = Math.sqrt(+filter.value / 100);
+    let shown = 0;
+    edgeEls.forEach((e, i) => {
+      const keep = strength[i] >= cut;
+      e.style.display = keep ? '' : 'none';
+      shown += keep;
+    });
+    document.getElementById('n-shown').textContent = shown;
+  }
+  filter.addEventListener('input', filterEdges);
   const nodeLayer = el('g', {id: 'nodes'}, view);
   const nodeEls = new Map();
   nodes.forEach(n => {
@@ -347,7 +361,10 @@ def graph_page(data: dict[str, Any], feature_base: str | None) -> str:
 <span><i class="swatch" style="background:#10b981"></i>token</span>
 <span><i class="swatch" style="background:#f59e0b"></i>logit</span>
 <span class="w-pos">&#9473; positive</span><span class="w-neg">&#9473; negative</span>
-<span class="muted">wheel: zoom, drag: pan, click: select</span></div></header>
+<span class="muted">wheel: zoom, drag: pan, click: select</span>
+<label class="muted">hide edges below <input id="edge-filter" type="range" min="0" max="50"
+value="0" step="0.5"> of the largest |weight| (<span id="n-shown">all</span> shown)</label>
+</div></header>
 <div id="main"><div id="canvas"><svg id="graph" xmlns="http://www.w3.org/2000/svg"></svg>
 <div id="tip"></div></div>
 <aside id="panel"><p class="muted">Click a node to see its strongest inputs and outputs.
