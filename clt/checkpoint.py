@@ -38,6 +38,7 @@ import torch
 
 import kernels
 
+from .atomic import atomic_write
 from .config import Config, ConfigError, validate_config
 from .parallel import (
     Mesh,
@@ -126,20 +127,6 @@ def _write(obj: Any, path: Path) -> str:
     return digest
 
 
-def _write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def sha256_file(path: Path) -> str:
     sha = hashlib.sha256()
     with open(path, "rb") as f:
@@ -154,7 +141,7 @@ def save_checkpoint(run_dir: Path, step: int, keep_last: int, state: dict) -> Pa
     path = checkpoint_path(run_dir, step)
     tmp, digest = _save_tmp(state, path)
     try:
-        _write_text(f"{digest}  {path.name}\n", path.with_name(path.name + SUM_SUFFIX))
+        atomic_write(path.with_name(path.name + SUM_SUFFIX), f"{digest}  {path.name}\n")
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -187,7 +174,7 @@ def save_sharded_checkpoint(
             digests.update(part)
         manifest = {"format": SHARDED_FORMAT, "step": step, "tensor": mesh.tp_size,
                     "data": mesh.dp_size, **manifest, "sha256": dict(sorted(digests.items()))}
-        _write_text(json.dumps(manifest, indent=1), tmp / "manifest.json")
+        atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1))
         if final.exists():
             _discard(final)
         os.replace(tmp, final)

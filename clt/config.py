@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import textwrap
 import types
@@ -30,6 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from .atomic import atomic_write
 from .runs import run_name_problem
 
 __all__ = [
@@ -675,15 +675,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the fully resolved config (defaults included) as indented JSON, atomically (a
-    temp file renamed over ``path``: a kill never leaves half a config)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write the fully resolved config (defaults included) as indented JSON, atomically (a kill
+    never leaves half a config)."""
+    atomic_write(Path(path), json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
 
 
 def _type_name(annotation: Any) -> str:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +21,8 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+
+from ..atomic import atomic_write
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -266,7 +266,8 @@ class ActivationCache:
 
     def _write_file(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         data = save_safetensors(tensors, metadata={"format": str(FORMAT)})
-        _atomic_write(self.folder / name, data)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.folder / name, data)
         return {
             "file": name,
             "bytes": len(data),
@@ -277,25 +278,10 @@ class ActivationCache:
         }
 
     def _commit(self, manifest: dict[str, Any]) -> None:
-        _atomic_write(self.folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.folder / MANIFEST, json.dumps(manifest, indent=1))
         self.manifest = manifest
 
 
 def _to_cpu(chunk: Chunk) -> Chunk:
     return Chunk(chunk.first, chunk.x.cpu(), chunk.y.cpu(), chunk.tokens.cpu())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
