@@ -177,13 +177,14 @@ def claim_run_dir(cfg, args, mesh: Mesh) -> tuple[Path, RunLock | None]:
 
 
 def resume_state(cfg, run_dir: Path, mesh: Mesh):
-    """``(path, state, changes)`` of the newest checkpoint that verifies (rank 0 chooses, newer
-    corrupted ones are skipped with a warning) and the config fields this resume changes."""
-    path = None
+    """``(path, state, changes)`` of the newest checkpoint that verifies and loads (rank 0
+    chooses; newer broken ones are skipped with a warning and quarantined) and the config fields
+    this resume changes."""
+    path = state = None
     if mesh.is_main:
         try:
-            path, _, skipped = latest_good_checkpoint(
-                run_dir, warn=lambda m: print(m, file=sys.stderr), load=False)
+            path, state, skipped = latest_good_checkpoint(
+                run_dir, warn=lambda m: print(m, file=sys.stderr))
             for bad in skipped:  # out of the way of rotation, which would keep it over good ones
                 print(f"moved it to {quarantine(bad).name}", file=sys.stderr)
         except CheckpointError as exc:
@@ -191,7 +192,8 @@ def resume_state(cfg, run_dir: Path, mesh: Mesh):
     path = mesh.broadcast_object(path)
     if isinstance(path, CheckpointError):
         raise CheckpointError(str(path))
-    state = load_checkpoint(path, verify=False)  # verified above
+    if state is None:  # the other ranks read what rank 0 verified
+        state = load_checkpoint(path, verify=False)
     changes = resume_changes(state["config"], cfg, path)
     if state["step"] >= cfg.train.steps:
         raise CheckpointError(f"{path} is at step {state['step']} and train.steps is "
