@@ -420,12 +420,18 @@ def evaluate_run(
 
     exported = None
     if isinstance(model, CrossLayerTranscoder) and model.nonlinearity in ("topk", "batchtopk"):
-        exported = exported_model(model, pairs)
-        converted = evaluate(exported, pairs)
-        result["exported"] = {"nonlinearity": exported.nonlinearity,
-                              "fvu": [float(v) for v in converted["eval/fvu"]],
-                              "fvu_total": float(converted["eval/fvu_total"]),
-                              "l0": [float(v) for v in converted["eval/l0"]]}
+        from .convert import convert
+
+        converted = convert(model, batches=pairs).eval()
+        # FVU is measured on standardized targets: the converted model keeps the trained one's
+        # standardizer, so its FVU compares with the trained FVU (the folded copy's would be a
+        # raw-scale FVU, dominated by the highest-variance dimensions)
+        after = evaluate(converted, pairs)
+        result["exported"] = {"nonlinearity": converted.nonlinearity,
+                              "fvu": [float(v) for v in after["eval/fvu"]],
+                              "fvu_total": float(after["eval/fvu_total"]),
+                              "l0": [float(v) for v in after["eval/l0"]]}
+        exported = converted.folded_copy().eval()  # what the export files hold
     # graphs need features that write the MLP outputs (not an SAE) and a transcoder's own
     # encoder/decoder (not a MOLT); a skip connection is a linear path of the graph's model
     graphable = lm_cfg.output_hook == "hook_mlp_out" and isinstance(model, CrossLayerTranscoder)
@@ -451,15 +457,6 @@ def evaluate_run(
                               model_name=lm_cfg.name)
         result["export_dir"] = str(export_dir)
     return result
-
-
-def exported_model(model, batches):
-    """The model ``clt.export`` would write for a TopK / BatchTopK ``model``: its JumpReLU
-    conversion (thresholds as :func:`clt.convert.convert` sets them by default, calibrated on
-    the raw held-out ``batches``), standardization folded in, eval mode."""
-    from .convert import convert
-
-    return convert(model, batches=batches).folded_copy().eval()
 
 
 def _graph_scores(lm, model, prompts, layers, cfg, max_edge_bytes) -> dict[str, Any] | str:

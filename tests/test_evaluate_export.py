@@ -17,8 +17,9 @@ from clt.convert import (
     from_circuit_tracer,
     trained_counts,
 )
+from clt.data.lm import lm_activations
 from clt.data.synthetic import PlantedDictionary
-from clt.evaluate import _lm_and_stream, evaluate_run, main
+from clt.evaluate import _lm_and_stream, _load_run, evaluate_run, main
 from clt.model import CrossLayerTranscoder
 
 
@@ -84,12 +85,17 @@ def test_exported_scores_equal_scores_of_the_model_loaded_back(tmp_path):
     assert exported["nonlinearity"] == "jumprelu" and len(exported["l0"]) == 2
     # per-feature calibration on these very tokens: each layer's L0 is the trained one
     assert exported["l0"] == pytest.approx(result["l0"], abs=1e-6)
+    # the exported FVU is the conversion's, on the trained model's standardized targets
+    cfg, model, _ = _load_run(run_dir, torch.device("cpu"))
+    lm, stream = _lm_and_stream(cfg, torch.device("cpu"), 4)
+    x, y = lm_activations(lm, next(iter(stream)), [0, 1], "hook_mlp_in", "hook_mlp_out")
+    pairs = [(x[:, :, 1:].flatten(1, 2), y[:, :, 1:].flatten(1, 2))]  # the 64 tokens used
+    report = conversion_report(model, convert(model, batches=pairs), pairs)
+    assert result["fvu_total"] == pytest.approx(report["before"]["fvu_total"], rel=1e-5)
+    assert exported["fvu_total"] == pytest.approx(report["after"]["fvu_total"], rel=1e-5)
 
     back, layers, hooks = from_circuit_tracer(out)
     assert layers == [0, 1] and back.nonlinearity == "jumprelu"
-    from clt.evaluate import _load_run
-
-    cfg, _, _ = _load_run(run_dir, torch.device("cpu"))
     lm, stream = _lm_and_stream(cfg, torch.device("cpu"), 3)
     prompts = next(iter(stream))[:, :9]
     again = attribution_scores(lm, back, prompts, layers, *hooks)
