@@ -91,7 +91,8 @@ def test_clt_export_files_and_reader_reproduce_the_model(tmp_path, kind):
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted([".clt-export.json", "config.yaml"] + [f"W_enc_{i}.safetensors" for i in range(L)]
+    assert names == sorted([".clt-export.json", "config.yaml"]
+                           + [f"W_enc_{i}.safetensors" for i in range(L)]
                            + [f"W_dec_{i}.safetensors" for i in range(L)])
     for i in range(L):
         enc = file_tensors(out / f"W_enc_{i}.safetensors")
