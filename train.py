@@ -39,6 +39,8 @@ from clt.config import main_config, save_config
 from clt.data import DataError, build_source
 from clt.data.cache import CacheError
 from clt.evaluate import MODES, evaluate_run, format_table
+from clt.pages import write_run_pages
+from clt.pages.common import PagesError
 from clt.parallel import GradSync, Mesh, ShardedSource, init_mesh, shutdown
 from clt.plots import plot_feature_density, plot_layer_metrics
 from clt.runs import RunDirError, RunLock, claim_existing, claim_new
@@ -313,6 +315,11 @@ def train(cfg, args, mesh: Mesh, run_dir: Path) -> None:
             replacement = evaluate_run(run_dir, cfg.eval.replacement_tokens, device)
             log.log(tcfg.steps, {f"replacement/{mode}/{name}": value
                                  for mode in MODES for name, value in replacement[mode].items()})
+        if mesh.is_main and cfg.data.source == "lm" and cfg.eval.pages:
+            try:  # the run is saved: a page that cannot be drawn must not fail it
+                write_run_pages(run_dir, cfg, device, log=print, wandb_run=log.wandb)
+            except PagesError as exc:
+                print(f"pages skipped: {exc}", file=sys.stderr)
     finally:
         log.close()
         source.close()

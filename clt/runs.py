@@ -64,13 +64,16 @@ def check_writable(folder: Path, what: str = "run folder") -> None:
         raise RunDirError(f"{what} {folder} is not writable{where}: {exc.strerror}") from None
 
 
-def check_output_dir(out_dir: Path, marker: str, overwrite: bool, what: str) -> None:
+def check_output_dir(out_dir: Path, marker: str, overwrite: bool, what: str,
+                     inside_run: bool = False) -> Path:
     """Refuse an output folder of a command (export, pages) that would put anything at risk:
-    one that is or lies inside a run folder, a non-empty one that is not an earlier output of
-    the same command (``marker``, a file that command writes into every output), an earlier
-    output unless ``overwrite``, or an unwritable place. Raises ``RunDirError``."""
-    out = Path(out_dir).absolute().resolve()
-    for folder in (out, *out.parents):
+    one that is or lies inside a run folder (unless ``inside_run``: the run's own pages), one
+    that contains a run folder, a non-empty one that is not a previous output of the same
+    command (``marker``, a file that command writes into every output), a previous output
+    unless ``overwrite``, or an unwritable place. Raises ``RunDirError``; returns the folder,
+    resolved."""
+    out = Path(out_dir).expanduser().absolute().resolve()
+    for folder in () if inside_run else (out, *out.parents):
         if is_run_folder(folder):
             where = "is" if folder == out else "lies inside"
             raise RunDirError(f"{out_dir} {where} the run folder {folder}: write the {what} "
@@ -78,15 +81,18 @@ def check_output_dir(out_dir: Path, marker: str, overwrite: bool, what: str) -> 
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{out_dir} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
+        nested = next((d for d, _, _ in os.walk(out) if is_run_folder(Path(d))), None)
+        if nested is not None:
+            raise RunDirError(f"{out_dir} contains the run folder {nested}: refusing to "
+                              "replace it")
         if not (out / marker).is_file():
-            raise RunDirError(f"{out_dir} exists, is not empty and holds no earlier {what} "
-                              f"(no {marker}): choose a new or empty folder")
-        if any(is_run_folder(Path(d)) for d, _, _ in os.walk(out)):
-            raise RunDirError(f"{out_dir} contains a run folder: refusing to replace it")
+            raise RunDirError(f"{out_dir} exists, is not empty and is not a previous output of "
+                              f"the {what} (no {marker}): choose a new or empty folder")
         if not overwrite:
-            raise RunDirError(f"{out_dir} holds an earlier {what}: pass --overwrite to replace "
+            raise RunDirError(f"{out_dir} holds a previous {what}: pass --overwrite to replace "
                               "it, or choose another folder")
     check_writable(out, what=f"{what} folder")
+    return out
 
 
 class RunLock:

@@ -173,7 +173,7 @@ def test_export_overwrites_only_an_earlier_export(tmp_path):
     model = fitted(make()).eval()
     (tmp_path / "empty").mkdir()
     export_circuit_tracer(model, tmp_path / "empty")  # an empty folder is fine
-    with pytest.raises(ExportError, match="earlier export: pass --overwrite"):
+    with pytest.raises(ExportError, match="previous export: pass --overwrite"):
         export_circuit_tracer(model, tmp_path / "empty")
     (tmp_path / "empty" / "W_dec_2.safetensors").write_bytes(b"stale")
     export_circuit_tracer(model, tmp_path / "empty", overwrite=True)
@@ -182,7 +182,7 @@ def test_export_overwrites_only_an_earlier_export(tmp_path):
     target.mkdir()
     (target / "keep.txt").write_text("x")
     for overwrite in (False, True):  # not an export: never replaced
-        with pytest.raises(ExportError, match="holds no earlier export"):
+        with pytest.raises(ExportError, match="not a previous output"):
             export_circuit_tracer(model, target, overwrite=overwrite)
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "full"]  # no temp leftovers
@@ -287,7 +287,7 @@ def test_cli_exports_a_trained_run(tmp_path, kind, capsys):
         assert torch.equal(acts > 0, model_codes(model, x_raw) > 0)
     with pytest.raises(SystemExit) as exc:
         main([str(run_dir), str(out)])
-    assert exc.value.code == 2 and "earlier export" in capsys.readouterr().err
+    assert exc.value.code == 2 and "previous export" in capsys.readouterr().err
     if kind == "topk":
         with pytest.raises(SystemExit) as exc:
             main([str(run_dir), str(tmp_path / "other"), "--threshold", "ema"])

@@ -185,3 +185,14 @@ def test_lm_run_ends_with_replacement_metrics(tmp_path, capsys):
     assert "[open]" in out and "[closed]" in out and "held-out FVU" in out
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"replacement/open/ce_recovered", "replacement/closed/kl"} <= set(last)
+
+
+def test_lm_run_writes_its_pages_when_asked(tmp_path):
+    config, run_dir = write_config(tmp_path, "topk", "lm", train={"steps": 2},
+                                   eval={"every": 2, "tokens": 64, "replacement_tokens": 0,
+                                         "graph_prompt_tokens": 8, "pages": True},
+                                   checkpoint={"every": 2})
+    train.main([str(config)])
+    pages = run_dir / "pages"
+    assert (pages / "index.html").is_file() and (pages / "features" / "index.html").is_file()
+    assert (pages / "graph" / "index.html").is_file()

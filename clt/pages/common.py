@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from ..runs import RunDirError, check_output_dir
+
 EXPORT_TOKENS = 4096  # clt.export.DEFAULT_TOKENS: held-out tokens of the threshold calibration
 
 
@@ -42,42 +44,15 @@ class PagesError(ValueError):
 # ---- output folders ------------------------------------------------------------------------
 
 
-def is_run_folder(path: Path) -> bool:
-    """A training run folder: ``config.json`` beside at least one ``step_*`` checkpoint."""
-    try:
-        return (path / "config.json").is_file() and any(path.glob("step_*"))
-    except OSError:
-        return False
-
-
 def check_out_dir(out_dir: str | Path, marker: str, overwrite: bool,
                   inside_run: bool = False) -> Path:
-    """Raise :class:`PagesError` unless ``out_dir`` may receive a fresh output (module
-    docstring); returns it resolved. ``marker``: the file name this command writes."""
-    out = Path(out_dir).expanduser().resolve()
-    if not inside_run:
-        for folder in (out, *out.parents):
-            if is_run_folder(folder):
-                where = "is" if folder == out else "lies inside"
-                raise PagesError(f"{out} {where} the run folder {folder}: write the pages "
-                                 f"elsewhere")
-    if out.exists() and not out.is_dir():
-        raise PagesError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        for child in out.iterdir():
-            if child.is_dir() and is_run_folder(child):
-                raise PagesError(f"{out} contains the run folder {child}: write the pages "
-                                 f"elsewhere")
-        if not overwrite:
-            raise PagesError(f"{out} exists and is not empty (pass --overwrite to replace a "
-                             f"previous output)")
-        if not (out / marker).is_file():
-            raise PagesError(f"{out} is not a previous output of this command (no {marker} "
-                             f"file): refusing to replace it")
-        for sub, _, _ in os.walk(out):
-            if is_run_folder(Path(sub)):
-                raise PagesError(f"{out} contains the run folder {sub}: refusing to replace it")
-    return out
+    """``clt.runs.check_output_dir`` for the pages (module docstring), raising
+    :class:`PagesError`; returns the folder resolved. ``marker``: the file this command
+    writes."""
+    try:
+        return check_output_dir(Path(out_dir), marker, overwrite, "pages", inside_run)
+    except RunDirError as exc:
+        raise PagesError(str(exc)) from None
 
 
 @contextlib.contextmanager
