@@ -220,8 +220,9 @@ def clean_run_dir(run_dir: Path) -> list[str]:
     removed = []
     for p in sorted(run_dir.iterdir()):
         name = p.name
-        orphan_sum = (name.endswith(SUM_SUFFIX) and CHECKPOINT_NAME.fullmatch(name[:-7])
-                      and not p.with_name(name[:-7]).is_file())
+        checked = name.removesuffix(SUM_SUFFIX)  # the checkpoint a checksum file belongs to
+        orphan_sum = (checked != name and CHECKPOINT_NAME.fullmatch(checked)
+                      and not p.with_name(checked).is_file())
         incomplete = (CHECKPOINT_NAME.fullmatch(name) and p.is_dir()
                       and not (p / "manifest.json").is_file())
         if LEFTOVER.fullmatch(name) or orphan_sum or incomplete:
@@ -283,8 +284,12 @@ def latest_good_checkpoint(
                               "(start it again under another logging.run_name)")
     reasons, skipped = [], []
     for path in reversed(found):
+        state = None
         try:
-            state = load_checkpoint(path) if load else (verify_checkpoint(path) and None)
+            if load:
+                state = load_checkpoint(path)
+            else:
+                verify_checkpoint(path)
         except CheckpointError as exc:
             reasons.append(str(exc))
             skipped.append(path)
@@ -359,15 +364,21 @@ def _field(tree: dict, path: tuple[str, ...]):
     return tree
 
 
+def _as_today(saved: dict) -> dict:
+    """A saved config read through today's schema (defaults for fields added since); as it is
+    when it no longer validates, so that the differences name the fields."""
+    try:
+        return validate_config(saved).model_dump(mode="json")
+    except ConfigError:
+        return saved
+
+
 def check_compatible(saved: dict, cfg: Config, path: Path) -> None:
     """Refuse a checkpoint whose config differs from ``cfg`` in a shape-defining field.
 
     The saved config is read through today's schema first, so a field added since it was
     written compares as its default (an older checkpoint stays loadable)."""
-    try:
-        saved = validate_config(saved).model_dump(mode="json")
-    except ConfigError:
-        pass  # compare what is there: the differences below name the fields
+    saved = _as_today(saved)
     current = cfg.model_dump(mode="json")
     diffs = [
         f"{'.'.join(f)}: checkpoint has {_field(saved, f)!r}, config has {_field(current, f)!r}"
@@ -407,11 +418,7 @@ def resume_changes(saved: dict, cfg: Config, path: Path) -> dict[str, tuple[Any,
     ``CheckpointError`` listing the changes a resume cannot make (shape, data stream,
     objective) and a ``train.steps`` that the checkpoint already reached."""
     check_compatible(saved, cfg, path)
-    try:
-        saved = validate_config(saved).model_dump(mode="json")
-    except ConfigError:
-        pass
-    old, new = _flatten(saved), _flatten(cfg.model_dump(mode="json"))
+    old, new = _flatten(_as_today(saved)), _flatten(cfg.model_dump(mode="json"))
     changes = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k) and k not in RESUME_IGNORES}
     refused = [f"{k}: checkpoint has {a!r}, now {b!r}" for k, (a, b) in changes.items()
