@@ -1,11 +1,16 @@
 """Exact BatchTopK selection: Triton radix select and the torch path.
 
 Keep the ``m`` largest pre-activations of a whole batch: ``m = N * k`` of each layer's ``[N, F]``
-(scope ``"layer"``) or ``m = L * N * k`` of all ``[L, N, F]`` (scope ``"global"``). The set is
-exactly what a dense descending sort would keep, with ties at the cut broken by the smaller flat
-index, so the result is deterministic. Kept values go through relu.
+(scope ``"layer"``) or ``m = L * N * k`` of all ``[L, N, F]`` (scope ``"global"``). Kept values
+go through relu.
 
-Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``; float64 input takes the torch path): a
+**Tie rule** (every path): the set is exactly what a stable descending sort keeps
+(:func:`topk_mask_torch`, the specification): values equal to the cut go to the lower flat index,
+row-major over each layer's ``[N, F]`` (scope layer) or over ``[L, N, F]`` (scope global), so the
+selection is deterministic. ``-0.0`` ties with ``+0.0``. The CPU path
+(:mod:`kernels.cpu.batchtopk`) takes the cut from ``torch.topk`` and ranks the ties by index.
+
+Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``; float64 input never runs a kernel): a
 radix select on order-preserving 32-bit keys of the fp32 values (``-0.0`` canonicalised to
 ``+0.0`` so it ties with ``+0.0`` as in a sort), batched over segments (layers, or one global
 segment). Four passes of ``_radix_hist_kernel`` (grid ``(M / BLOCK, S)``) histogram the next 8 bits
@@ -24,8 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
+from ._dispatch import pick_path
 from .codes import mask_to_codes
+from .compile_check import CompileJob
+from .cpu import batchtopk as cpu_batchtopk
 
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -110,7 +117,8 @@ def select_mask(x: torch.Tensor, m: int, out: torch.Tensor | None = None) -> tor
         hist = torch.zeros(S, 256, dtype=torch.int32, device=dev)
         hi_mask = (0xFFFFFFFF << (shift + 8)) & 0xFFFFFFFF  # the bits fixed by earlier passes
         _radix_hist_kernel[grid](
-            x, prefix, hist, M, shift, hi_mask, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            x_ptr=x, prefix_ptr=prefix, hist_ptr=hist, M=M, shift=shift, hi_mask=hi_mask,
+            BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
         # at_or_above[s, b]: matching keys whose next 8 bits are >= b
         at_or_above = hist.long().flip(1).cumsum(1).flip(1)
@@ -121,37 +129,34 @@ def select_mask(x: torch.Tensor, m: int, out: torch.Tensor | None = None) -> tor
         prefix = prefix | (b << shift)
     cut = prefix  # [S] int64 holding the uint32 key of the m-th largest value
     counts = torch.empty(S, grid[0], dtype=torch.int32, device=dev)
-    _tie_count_kernel[grid](x, cut, counts, M, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _tie_count_kernel[grid](x_ptr=x, cut_ptr=cut, count_ptr=counts, M=M, BLOCK=BLOCK,
+                            num_warps=NUM_WARPS)
     base = (counts.long().cumsum(1) - counts.long()).contiguous()  # ties in earlier blocks
     mask = out if out is not None else torch.empty(S, M, dtype=torch.int8, device=dev)
-    _select_kernel[grid](x, cut, need, base, mask, M, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _select_kernel[grid](x_ptr=x, cut_ptr=cut, need_ptr=need, base_ptr=base, mask_ptr=mask,
+                         M=M, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return mask.view(torch.bool)
 
 
 # ------------------------------------------------------------------------------------------------
-# torch path and the public op
+# the torch specification and the public ops (a selection: no autograd Function; the kept
+# values' gradient flows through mask_to_codes)
 # ------------------------------------------------------------------------------------------------
 
 
-def _torch_topk_mask(rows: torch.Tensor, m: int) -> torch.Tensor:
-    """``[S, M]`` bool mask of the ``m`` largest entries of each row, ties at the cut to the
-    lower index. One batched ``topk`` over the rows (2 threads here: 134 ms for 12 rows of 4M,
-    where a loop of 1-D calls took 497 ms); int32 counts (an int64 sum of a bool mask first
-    copies it to int64)."""
-    cut = torch.topk(rows, m, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # [S, 1]
-    mask = rows > cut
-    need = m - mask.sum(dim=1, dtype=torch.int32)  # [S] >= 1: the cut itself is in the top m
-    ties = (rows == cut).nonzero()  # [T, 2] row-major: each row's ties by increasing index
-    first = torch.searchsorted(ties[:, 0].contiguous(), torch.arange(rows.shape[0],
-                                                                     device=rows.device))
-    rank = torch.arange(ties.shape[0], device=rows.device) - first[ties[:, 0]]
-    keep = ties[rank < need[ties[:, 0]]]
-    mask[keep[:, 0], keep[:, 1]] = True
-    return mask
+def topk_mask_torch(rows: torch.Tensor, m: int) -> torch.Tensor:
+    """Specification: ``[S, M]`` bool mask of the ``m`` largest entries of each row, equal
+    values by increasing index (a stable descending sort; the first ``m`` places win)."""
+    order = torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :m]
+    return torch.zeros_like(rows, dtype=torch.bool).scatter_(1, order, True)
 
 
-def _triton_ok(x: torch.Tensor) -> bool:
-    return use_triton(x) and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+def _topk_mask(rows: torch.Tensor, m: int) -> torch.Tensor:
+    """The one selection: Triton, the CPU path or the specification (``_dispatch``)."""
+    path = pick_path("batchtopk", rows)
+    if path == "triton":
+        return select_mask(rows, m)
+    return cpu_batchtopk.topk_mask(rows, m) if path == "cpu" else topk_mask_torch(rows, m)
 
 
 def _check(flat: torch.Tensor, m: int) -> None:
@@ -164,9 +169,7 @@ def _check(flat: torch.Tensor, m: int) -> None:
 def exact_topk_mask(flat: torch.Tensor, m: int) -> torch.Tensor:
     """Bool mask of the ``m`` largest entries of a 1-D tensor; ties go to the lower index."""
     _check(flat, m)
-    if _triton_ok(flat):
-        return select_mask(flat.view(1, -1), m).view(-1)
-    return _torch_topk_mask(flat.view(1, -1), m).view(-1)
+    return _topk_mask(flat.view(1, -1), m).view(-1)
 
 
 def batchtopk_mask(pre: torch.Tensor, k: int, scope: str) -> torch.Tensor:
@@ -179,10 +182,8 @@ def batchtopk_mask(pre: torch.Tensor, k: int, scope: str) -> torch.Tensor:
     _check(detached.flatten(), m if scope == "global" else N * k)
     if m > detached.numel() // S:
         raise ValueError(f"cannot keep {m} of {detached.numel() // S} entries")
-    if _triton_ok(detached):
-        # one batched select over all segments (layers, or the one global segment)
-        return select_mask(detached.reshape(S, -1), m).view(L, N, F)
-    return _torch_topk_mask(detached.reshape(S, -1), m).view(L, N, F)
+    # one batched select over all segments (layers, or the one global segment)
+    return _topk_mask(detached.reshape(S, -1), m).view(L, N, F)
 
 
 def batchtopk(
@@ -206,3 +207,23 @@ def batchtopk(
         kept = pre.detach()[mask].view(pre.shape[0] if scope == "layer" else 1, -1)
         min_kept = kept.amin(dim=1).clamp(min=0)
     return torch.relu(values), indices, min_kept
+
+
+# ------------------------------------------------------------------------------------------------
+# compile check (``kernels.compile_check.all_jobs``)
+# ------------------------------------------------------------------------------------------------
+
+
+def compile_jobs(arch: int) -> list[CompileJob]:
+    """The three selection kernels at the GPU block size; no stack, no spills."""
+    blk = {"BLOCK": BLOCK_GPU}
+    return [
+        CompileJob(_radix_hist_kernel, {"x_ptr": "*fp32", "prefix_ptr": "*i64",
+                                        "hist_ptr": "*i32", "M": "i32", "shift": "i32",
+                                        "hi_mask": "i64"}, blk, arch, NUM_WARPS),
+        CompileJob(_tie_count_kernel, {"x_ptr": "*fp32", "cut_ptr": "*i64", "count_ptr": "*i32",
+                                       "M": "i32"}, blk, arch, NUM_WARPS),
+        CompileJob(_select_kernel, {"x_ptr": "*fp32", "cut_ptr": "*i64", "need_ptr": "*i64",
+                                    "base_ptr": "*i64", "mask_ptr": "*i8", "M": "i32"},
+                   blk, arch, NUM_WARPS),
+    ]

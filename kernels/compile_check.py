@@ -11,6 +11,10 @@ cannot be compiled, so the jobs then run in one subprocess with the interpreter 
     job = CompileJob(my_kernel, {"x_ptr": "*fp32", "n": "i32"}, {"BLOCK": 128}, arch=90)
     [usage] = compile_for_gpu([job])
     assert usage.spill_bytes == 0
+
+Every op module exports ``compile_jobs(arch)``: its kernels at the launchers' production block
+sizes; :func:`all_jobs` collects them and :func:`check_all` compiles them and reports any that
+spills or keeps a stack frame beyond its job's ``max_stack_bytes``.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class CompileJob:
     constexprs: dict[str, object] = field(default_factory=dict)
     arch: int = 90
     num_warps: int = 4
+    max_stack_bytes: int = 0  # a stack frame is a near-spill: none unless a job says so
 
     @property
     def name(self) -> str:
@@ -120,6 +125,28 @@ def compile_for_gpu(jobs: list[CompileJob]) -> list[ResourceUsage]:
     if any(type(j.fn).__name__ == "InterpretedFunction" for j in jobs):
         return _compile_in_subprocess(jobs)
     return [_compile_here(j) for j in jobs]
+
+
+OP_MODULES = ("topk", "batchtopk", "jumprelu", "decode", "molt")
+
+
+def all_jobs(archs: tuple[int, ...] = (80, 90)) -> list[CompileJob]:
+    """The ``compile_jobs(arch)`` of every op module, for each architecture."""
+    modules = [importlib.import_module(f"kernels.{name}") for name in OP_MODULES]
+    return [job for arch in archs for m in modules for job in m.compile_jobs(arch)]
+
+
+def check_all(jobs: list[CompileJob] | None = None) -> tuple[list[ResourceUsage], list[str]]:
+    """Compile ``jobs`` (default :func:`all_jobs`); returns the usages and one line per job that
+    spills, keeps a stack frame beyond its ``max_stack_bytes`` or needs more than 255
+    registers (empty when every kernel is fine)."""
+    jobs = all_jobs() if jobs is None else jobs
+    usages = compile_for_gpu(jobs)
+    bad = [f"{u.name} {j.constexprs}: {u.registers} regs, stack {u.stack_bytes}, spill "
+           f"{u.spill_bytes}"
+           for j, u in zip(jobs, usages, strict=True)
+           if u.spill_bytes or u.stack_bytes > j.max_stack_bytes or not 0 < u.registers <= 255]
+    return usages, bad
 
 
 def _main() -> None:

@@ -1,10 +1,7 @@
-"""Sparse crosslayer decode: Triton kernels (forward, backward) and the torch path.
+"""Sparse crosslayer decode: Triton kernels (forward, backward), the torch specification, the op.
 
-Source layer ``s`` writes to targets ``s .. s + R_s - 1`` with ``R_s = min(R, L - s)``. All
-decoder weights live in one contiguous row table ``W_dec [F * P, d_out]`` with ``P = sum_s R_s``:
-source ``s`` owns rows ``F * P_s .. F * (P_s + R_s)`` (``P_s`` = rows of earlier sources), viewed
-as ``[F, R_s, d_out]`` so one feature's whole crosslayer write is contiguous (circuit-tracer's
-layout). The row of (source ``s``, feature ``f``, target ``t``) is ``F * P_s + f * R_s + t - s``.
+The decoder's row table is described in :mod:`kernels.layout`: the row of (source ``s``,
+feature ``f``, target ``t``) is ``F * P_s + f * R_s + t - s``.
 
     out[t, n] = b_dec[t] + sum_{s <= t < s + R_s} sum_j v[s, n, j] * W_dec[s][idx[s, n, j], t - s]
 
@@ -39,31 +36,29 @@ does not fit L2, after a 2 GB memset (~49 GB); the deterministic one reads them 
 much of grad_out (151 MB, partly L2-resident) and writes the table once (~34 GB), and the
 training run is reproducible.
 
-Float64 inputs always take the torch path (the kernels compute in fp32; fp64 is for references
-and gradcheck). The torch path is the specification and the CPU path, also grouped by source: the
-forward is one ``embedding_bag`` per source over its ``[F, R_s * d_out]`` block (a feature's whole
-crosslayer write is one row); ``grad_W_dec`` is the forward transposed, one ``embedding_bag`` whose
-bags are the table's rows (each summing ``value * grad_out`` over the slots that read it, so each
-row is written once and nothing ``W_dec``-sized is zeroed or added); ``grad_values`` are sampled
-products ``<G_s[n], W_s[f]>``. Sources whose codes name few distinct features (AuxK) use dense
-GEMMs over those rows instead (``DENSE_RATIO``). Nothing of size ``[N, F]`` exists and autograd
-keeps only the codes for backward.
+Float64 inputs never run a kernel (the kernels compute in fp32; fp64 is for references and
+gradcheck). Off Triton the op runs :func:`sparse_decode_torch`, the specification (a gather of
+the named rows per source, plain autograd), or with ``kernels.cpu_fast_paths`` on (the default)
+the CPU performance path of :mod:`kernels.cpu.decode`.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cached_property
 
 import torch
-import torch.nn.functional as F_
 import triton
 import triton.language as tl
 
 from . import buffers
-from ._dispatch import interpreter_on, use_triton
+from ._dispatch import fit_block, interpreter_on, pick_path
+from .compile_check import CompileJob
+from .cpu import decode as cpu_decode
+from .layout import DecoderLayout, check_codes, layout_tables
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+# ------------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -212,16 +207,19 @@ def _decode_bwd_grad_w_kernel(
             tl.store(ptrs, total.to(grad_W_ptr.dtype.element_ty), mask=mask_d)
 
 
+# ------------------------------------------------------------------------------------------------
+# Host launchers
+# ------------------------------------------------------------------------------------------------
+
 # GPU block sizes (rows = tokens or (token, slot) entries per program, columns of d_out), from
 # the sm_90 compile check (registers at 4 warps, fp32 / bf16 W): every [rows, BLOCK_D] gathered
 # tile costs ~6 registers per element (a 64-bit address per element for W and grad_out), so
 # 16 x 128 keeps the forward and the grad_W reduction at ~96 registers; the fused backward holds
 # W, grad_out and the atomic target at once and needs 16 x 64 (~167 with atomics, 126 without;
-# 16 x 128 reaches 255 and a stack frame). tests/test_decode_triton.py holds all at 0 spills.
+# 16 x 128 reaches 255 and a stack frame). compile_jobs() holds all at 0 spills.
 # Under the interpreter every program is a Python loop: small blocks keep tiny shapes tiny.
 GPU_BLOCKS = {"fwd": (16, 128), "bwd": (16, 64), "grad_w": (16, 128)}
 INTERPRET_BLOCKS = (8, 32)
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _blocks(
@@ -230,30 +228,8 @@ def _blocks(
     """``(BLOCK_ROWS, BLOCK_D)``: the per-kernel caps, shrunk to small problems, or overrides."""
     cap_rows, cap_d = INTERPRET_BLOCKS if interpreter_on() else GPU_BLOCKS[kernel]
     floor = 1 if interpreter_on() else 16
-    if block_rows is None:
-        block_rows = min(cap_rows, max(floor, triton.next_power_of_2(max(rows, 1))))
-    if block_d is None:
-        block_d = min(cap_d, max(floor, triton.next_power_of_2(max(d_out, 1))))
-    return block_rows, block_d
-
-
-_TABLES: dict[tuple[DecoderLayout, torch.device], tuple[torch.Tensor, ...]] = {}
-
-
-def _layout_tables(layout: DecoderLayout, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``(row_offsets [L + 1], reach [L], feature_first_rows [L * F + 1])`` int64 on ``device``,
-    built once per (layout, device) so a step copies nothing to the GPU: the first row of each
-    source (and the total), each ``R_s``, and the first row of every (source, feature) in table
-    order followed by the row count (the segment boundaries the deterministic backward
-    searches for)."""
-    key = (layout, device)
-    if key not in _TABLES:
-        offsets = torch.tensor(layout.source_row_offsets, dtype=torch.int64)
-        reach = torch.tensor([layout.reach_of(s) for s in range(layout.n_layers)])
-        first = offsets[:-1, None] + torch.arange(layout.n_features) * reach[:, None]  # [L, F]
-        first = torch.cat([first.flatten(), offsets[-1:]])
-        _TABLES[key] = tuple(t.to(device) for t in (offsets, reach, first))
-    return _TABLES[key]
+    return (fit_block(cap_rows, rows, floor) if block_rows is None else block_rows,
+            fit_block(cap_d, d_out, floor) if block_d is None else block_d)
 
 
 def sparse_decode_fwd(
@@ -273,7 +249,7 @@ def sparse_decode_fwd(
     values, indices, W_dec = values.contiguous(), indices.contiguous(), W_dec.contiguous()
     if out is None:
         out = torch.empty(L, N, d_out, dtype=W_dec.dtype, device=W_dec.device)
-    row_off = _layout_tables(layout, W_dec.device)[0]
+    row_off = layout_tables(layout, W_dec.device)[0]
     block_n, block_d = _blocks("fwd", N, d_out, block_n, block_d)
     grid = (triton.cdiv(N, block_n), L, triton.cdiv(d_out, block_d))
     _decode_fwd_kernel[grid](
@@ -314,7 +290,7 @@ def sparse_decode_bwd(
     d_out = W_dec.shape[1]
     grad_out, values, indices = grad_out.contiguous(), values.contiguous(), indices.contiguous()
     W_dec = W_dec.contiguous()
-    row_off, reach, feature_rows = _layout_tables(layout, W_dec.device)
+    row_off, reach, feature_rows = layout_tables(layout, W_dec.device)
     atomic = need_W and not deterministic
     gW_atomic = None
     if atomic:
@@ -359,280 +335,17 @@ def sparse_decode_bwd(
     return (grad_values if need_values else None), grad_W
 
 
-@dataclass(frozen=True)
-class DecoderLayout:
-    """Where each source layer's ``[F, R_s, d_out]`` block sits in the row table."""
-
-    n_layers: int
-    n_features: int
-    reach: int
-
-    def __post_init__(self) -> None:
-        if self.n_layers < 1 or self.n_features < 1:
-            raise ValueError(f"need n_layers >= 1 and n_features >= 1, got {self}")
-        if not 1 <= self.reach <= self.n_layers:
-            raise ValueError(f"reach must be in 1..{self.n_layers}, got {self.reach}")
-
-    def reach_of(self, source: int) -> int:
-        """Number of targets source layer ``source`` writes to (``R_s``)."""
-        return min(self.reach, self.n_layers - source)
-
-    @cached_property
-    def source_row_offsets(self) -> tuple[int, ...]:
-        """First row of each source's block, plus the total row count at the end."""
-        offsets = [0]
-        for s in range(self.n_layers):
-            offsets.append(offsets[-1] + self.n_features * self.reach_of(s))
-        return tuple(offsets)
-
-    @property
-    def n_rows(self) -> int:
-        return self.source_row_offsets[-1]
-
-    def sources_of(self, target: int) -> range:
-        """Source layers whose features write to ``target``."""
-        return range(max(0, target - self.reach + 1), target + 1)
-
-    def source_view(self, W_dec: torch.Tensor, source: int) -> torch.Tensor:
-        """``[F, R_s, d_out]`` view of one source's block (no copy)."""
-        lo, hi = self.source_row_offsets[source], self.source_row_offsets[source + 1]
-        return W_dec[lo:hi].view(self.n_features, self.reach_of(source), W_dec.shape[-1])
-
-
-def check_codes(values: torch.Tensor, indices: torch.Tensor, n_layers: int) -> None:
-    """Shape checks shared by every op that consumes sparse codes ``[L, N, K]``."""
-    if values.shape != indices.shape or values.dim() != 3 or values.shape[0] != n_layers:
-        raise ValueError(
-            f"codes must be [L={n_layers}, N, K] with matching shapes, got values "
-            f"{tuple(values.shape)} and indices {tuple(indices.shape)}"
-        )
-
-
-# A source whose codes name few distinct features (AuxK: the same dead features on every token)
-# decodes as dense GEMMs over those features' rows; one whose codes name many (TopK: ~F distinct
-# features over a batch) as gathers. The GEMM does u / K times the FMAs of the gathers (u distinct
-# features, K slots per token) but runs ~20x faster per FMA on a CPU (MKL vs embedding_bag), so it
-# wins up to u ~ 8 K. At L=12, d=768, F=4096, N=1024 on 1 thread, AuxK's 64 dead features x 64
-# slots, fwd + bwd: 1742 ms through embedding_bag's autograd, 680 ms as GEMMs (about half of it the
-# page faults of the fresh W_dec-sized gradient). Per feature instead of per source (hot features
-# as GEMM columns, the rest gathered) measured slower: a skinny [N, 8] GEMM is not 20x faster.
-DENSE_RATIO = 8
-
-
-# Bytes of output per embedding_bag call of the torch path (forward: a chunk of tokens; decoder
-# gradient: a chunk of table rows), so every product stays cache-sized and below glibc's 32 MiB
-# mmap threshold (freed blocks are reused, not faulted in again). At L=12, d=768, F=4096, N=1024
-# on 2 threads the 1 GB decoder gradient takes 90 ms in 3 MiB chunks, 290 ms as one call (its
-# fresh table-sized output page-faults) and 350 ms in 48 MiB chunks; the forward of a 12-target
-# source 16 ms in chunks, 23 ms as one [N, 12 * 768] product.
-CHUNK_BYTES = 3 * 2**20
-
-
-def _source_codes(values: torch.Tensor, indices: torch.Tensor, source: int, dtype: torch.dtype):
-    """Flat ``(values [N * K] in dtype, indices [N * K] int64)`` of one source."""
-    return values[source].reshape(-1).to(dtype), indices[source].reshape(-1).long()
-
-
-def _dense_columns(
-    idx: torch.Tensor, K: int, n_features: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(cols [u], pos [N * K])`` with ``idx = cols[pos]`` when the ``u`` distinct features of
-    the slots are few enough for dense GEMMs (``u <= DENSE_RATIO * K``), else None. A count per
-    feature, not ``torch.unique``: its sort cost ~100 ms per source on a busy 2-core machine."""
-    present = torch.bincount(idx, minlength=n_features) > 0  # [F]
-    cols = present.nonzero().squeeze(1)
-    if cols.numel() > DENSE_RATIO * K:
-        return None
-    return cols, (torch.cumsum(present, 0) - 1)[idx]
-
-
-def _dense_codes(v: torch.Tensor, pos: torch.Tensor, N: int, n_cols: int) -> torch.Tensor:
-    """``[N, u]`` dense codes over the distinct features (a repeated feature sums its slots)."""
-    tok = torch.arange(N, device=v.device).repeat_interleave(pos.numel() // max(N, 1))
-    return v.new_zeros(N, n_cols).index_put_((tok, pos), v, accumulate=True)
-
-
-def _per_sample_dots(G_s: torch.Tensor, W_s: torch.Tensor, idx: torch.Tensor, K: int,
-                     slots: torch.Tensor | None = None) -> torch.Tensor:
-    """Dot products ``<G_s[n], W_s[idx[n * K + j]]>`` of the ``slots`` ``n * K + j`` (all by
-    default), grouped by feature: the sampled product ``W_s @ G_s^T`` at a CSR pattern whose rows
-    are the features and whose entries are the tokens of their slots (sorted), so each row of
-    ``W_s`` is read once and the ``G_s`` rows come from cache (15-20% faster than token-major
-    rows at L=12, F=4096, d=768, N=1024)."""
-    N, F = G_s.shape[0], W_s.shape[0]
-    tokens = torch.arange(0, idx.numel(), device=idx.device) if slots is None else slots
-    feature, order = torch.sort(idx if slots is None else idx[slots], stable=True)
-    counts = torch.bincount(feature, minlength=F)
-    crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    dtype = torch.promote_types(G_s.dtype, torch.float32)  # no bf16 sampled_addmm on CPU
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, tokens[order] // K,
-                                          G_s.new_zeros(order.shape, dtype=dtype), (F, N))
-    dots = torch.sparse.sampled_addmm(pattern, W_s.to(dtype), G_s.to(dtype).t(), beta=0.0)
-    return torch.empty_like(dots.values()).index_copy_(0, order, dots.values())
-
-
-def sparse_decode_fwd_torch(
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor | None,
-    layout: DecoderLayout,
-) -> torch.Tensor:
-    """Torch forward: ``[L, N, d_out]``, one product per source over its ``[F, R_s * d_out]``
-    block (a feature's whole crosslayer write is one row), added into the output's ``R_s``
-    target layers: gathers in chunks of tokens whose ``[n, R_s * d_out]`` product stays
-    cache-sized (``CHUNK_BYTES``), dense sources as one GEMM per target accumulated in place, so
-    no ``[N, R_s * d_out]`` temporary exists (at L=12, d=768 that was a fresh 36 MiB block per
-    large source, and a transposed copy of the output)."""
-    L, N, K = values.shape
-    d_out = W_dec.shape[1]
-    out = W_dec.new_zeros(L, N, d_out)
-    offsets = torch.arange(0, N * K, K, device=values.device)
-    for s in range(L):
-        R_s = layout.reach_of(s)
-        W_s = layout.source_view(W_dec, s)  # [F, R_s, d_out]
-        v, idx = _source_codes(values, indices, s, W_dec.dtype)
-        dense = _dense_columns(idx, K, layout.n_features)
-        if dense is not None:
-            cols, pos = dense
-            A = _dense_codes(v, pos, N, cols.numel())  # [N, u]
-            W_cols = W_s.index_select(0, cols)  # [u, R_s, d_out]
-            for r in range(R_s):
-                out[s + r].addmm_(A, W_cols[:, r])
-            continue
-        rows = max(1, CHUNK_BYTES // max(1, R_s * d_out * W_dec.element_size()))
-        for n0 in range(0, N, rows):
-            n1 = min(N, n0 + rows)
-            part = F_.embedding_bag(idx[n0 * K : n1 * K], W_s.flatten(1), offsets[: n1 - n0],
-                                    per_sample_weights=v[n0 * K : n1 * K], mode="sum")
-            out[s : s + R_s, n0:n1] += part.view(n1 - n0, R_s, d_out).transpose(0, 1)
-    if b_dec is None:
-        return out
-    if torch.promote_types(out.dtype, b_dec.dtype) == out.dtype:
-        return out.add_(b_dec.unsqueeze(1))
-    return out + b_dec.unsqueeze(1)
-
-
-def sparse_decode_bwd_torch(
-    grad_outs: Sequence[torch.Tensor | None],
-    codes: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    W_dec: torch.Tensor,
-    layout: DecoderLayout,
-    *,
-    need_values: Sequence[bool],
-    need_W: bool = True,
-    zero_slot_grad: bool = True,
-) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
-    """Torch backward of several decodes through one ``W_dec``: ``([grad_values per decode],
-    grad_W_dec)``; a decode whose ``grad_out`` is None contributes nothing (zeros). With
-    ``zero_slot_grad=False`` slots of value 0 get gradient 0 (see :func:`sparse_decode_many`).
-
-    ``grad_W_dec`` is the forwards transposed: one ``embedding_bag`` whose bags are the rows of
-    the table, each summing ``value * grad_out[t, n]`` over the nonzero slots ``(s, n, j)`` of
-    every decode that read it (the pairs sorted by row), so every row is written once and rows
-    nobody read get an empty bag (zeros). It runs in chunks of rows (``CHUNK_BYTES`` of output:
-    cache-sized pieces instead of one table-sized temporary) into a buffer from
-    ``kernels.buffers`` (last step's gradient where the trainer donated it). Dense-GEMM sources
-    then add their rows as ``A^T @ grad_out[t]`` per target. ``grad_values`` are the sampled
-    products ``<G_s[n], W_s[f]>`` at every slot, padding included, with ``G_s [N, R_s * d_out]``
-    the gradients of the source's targets side by side (dense sources: per-target GEMMs).
-    """
-    L, d_out = layout.n_layers, W_dec.shape[1]
-    grad_values: list[torch.Tensor | None] = []
-    # gather sources of every decode: table row, row of the stacked grad_outs, value
-    rows, g_rows, weights, tables, dense_parts = [], [], [], [], []
-    for (values, indices), grad_out, need_v in zip(codes, grad_outs, need_values, strict=True):
-        if grad_out is None:
-            grad_values.append(torch.zeros_like(values) if need_v else None)
-            continue
-        N, K = values.shape[1:]
-        grad_out = grad_out.contiguous()
-        G = None  # [N, L, d_out], built for the first gather source (dense ones read grad_out)
-        gv = torch.empty_like(values) if need_v else None
-        first_row = sum(t.shape[0] for t in tables)  # of this grad_out in the stacked table
-        gathers = False
-        for s in range(L):
-            R_s = layout.reach_of(s)
-            W_s = layout.source_view(W_dec, s).flatten(1)  # [F, R_s * d_out]
-            v, idx = _source_codes(values, indices, s, W_dec.dtype)
-            dense = _dense_columns(idx, K, layout.n_features)
-            if dense is not None:
-                cols, pos = dense
-                A = _dense_codes(v, pos, N, cols.numel())  # [N, u]
-                dense_parts.append((s, cols, A, grad_out))
-                if need_v:  # [N, u]: one GEMM per target, accumulated
-                    W_cols = layout.source_view(W_dec, s).index_select(0, cols)  # [u, R_s, d]
-                    dots = A.new_zeros(N, cols.numel())
-                    for r in range(R_s):
-                        dots.addmm_(grad_out[s + r], W_cols[:, r].t())
-                    dots = dots.gather(1, pos.view(N, K))
-                    gv[s] = dots if zero_slot_grad else dots * (v.view(N, K) != 0)
-                continue
-            if G is None:
-                G = grad_out.transpose(0, 1).contiguous()
-            G_s = G[:, s : s + R_s].reshape(N, R_s * d_out)
-            if need_W:
-                gathers = True
-                live = (v != 0).nonzero().squeeze(1)  # slot ids n * K + j
-                r = torch.arange(R_s, device=idx.device).unsqueeze(1)  # target t = s + r
-                rows.append((layout.source_row_offsets[s] + idx[live] * R_s + r).flatten())
-                g_rows.append((first_row + (s + r) * N + live // K).flatten())
-                weights.append(v[live].expand(R_s, -1).flatten())
-            if need_v and zero_slot_grad:
-                gv[s] = _per_sample_dots(G_s, W_s, idx, K).view(N, K).to(values.dtype)
-            elif need_v:  # only the nonzero slots: padding (BatchTopK's up to ~2x) costs nothing
-                slots = (v != 0).nonzero().squeeze(1)
-                gv[s] = 0
-                gv[s].view(-1)[slots] = _per_sample_dots(G_s, W_s, idx, K, slots).to(gv.dtype)
-        if gathers:
-            tables.append(grad_out.view(L * N, d_out))
-        grad_values.append(gv)
-    if not need_W:
-        return grad_values, None
-    grad_W = buffers.empty(W_dec.shape, W_dec.dtype, W_dec.device)
-    if rows:
-        table = tables[0] if len(tables) == 1 else torch.cat(tables)
-        _bag_rows_into(grad_W, torch.cat(rows), torch.cat(g_rows), torch.cat(weights), table)
-    else:  # only dense sources (AuxK)
-        grad_W.zero_()
-    for s, cols, A, grad_out in dense_parts:  # A^T @ grad_out[t] into each target's rows
-        block = layout.source_view(grad_W, s)  # [F, R_s, d_out]
-        for r in range(layout.reach_of(s)):
-            block[:, r].index_add_(0, cols, A.t() @ grad_out[s + r])
-    return grad_values, grad_W
-
-
-def _bag_rows_into(
-    out: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, weights: torch.Tensor,
-    table: torch.Tensor,
-) -> None:
-    """``out[r] = sum_{e: rows[e] = r} weights[e] * table[src[e]]`` for every row of ``out``
-    (zeros where no entry names it), one ``embedding_bag`` per chunk of rows."""
-    n_rows = out.shape[0]
-    rows, order = torch.sort(rows, stable=True)
-    src, weights = src[order], weights[order]
-    counts = torch.bincount(rows, minlength=n_rows)
-    starts = torch.cumsum(counts, 0) - counts  # [n_rows] first entry of each row
-    chunk = max(1, CHUNK_BYTES // max(1, out.shape[1] * out.element_size()))
-    firsts = list(range(0, n_rows, chunk))
-    bounds = torch.cat([starts[firsts], counts.new_tensor([rows.numel()])]).tolist()
-    for c, r0 in enumerate(firsts):
-        r1, a, b = min(r0 + chunk, n_rows), bounds[c], bounds[c + 1]
-        if a == b:
-            out[r0:r1].zero_()
-            continue
-        out[r0:r1] = F_.embedding_bag(src[a:b], table, starts[r0:r1] - a,
-                                      per_sample_weights=weights[a:b], mode="sum")
+# ------------------------------------------------------------------------------------------------
+# autograd, the torch specification and the public op
+# ------------------------------------------------------------------------------------------------
 
 
 class SparseDecodeFunction(torch.autograd.Function):
     """Autograd of one or more decodes through one ``W_dec`` (``kernels``: the Triton launchers,
-    else the torch path); ``codes`` is ``values, indices, b_dec`` per decode. It saves only the
-    codes and ``W_dec``; the decodes share one decoder gradient (autograd through
-    ``embedding_bag``, or one call per decode, would build one ``W_dec``-sized gradient each and
-    add them up)."""
+    else the CPU path of :mod:`kernels.cpu.decode`); ``codes`` is ``values, indices, b_dec`` per
+    decode. It saves only the codes and ``W_dec``; the decodes share one decoder gradient
+    (autograd through a gather, or one call per decode, would build one ``W_dec``-sized gradient
+    each and add them up)."""
 
     @staticmethod
     def forward(ctx, W_dec, layout, deterministic, kernels, zero_slot_grad, *codes):
@@ -642,7 +355,7 @@ class SparseDecodeFunction(torch.autograd.Function):
         ctx.zero_slot_grad = zero_slot_grad
         ctx.b_dtypes = [None if b is None else b.dtype for *_, b in sets]
         ctx.set_materialize_grads(False)  # an unused output (e.g. AuxK's, skipped) costs nothing
-        fwd = sparse_decode_fwd if kernels else sparse_decode_fwd_torch
+        fwd = sparse_decode_fwd if kernels else cpu_decode.decode_fwd
         return tuple(fwd(v, i, W_dec, b, layout) for v, i, b in sets)
 
     @staticmethod
@@ -658,7 +371,7 @@ class SparseDecodeFunction(torch.autograd.Function):
             grad_values, grad_W = _triton_backward(grad_outs, codes, W_dec, ctx.layout, need_v,
                                                    need_w, ctx.deterministic)
         elif need_w or any(need_v):
-            grad_values, grad_W = sparse_decode_bwd_torch(
+            grad_values, grad_W = cpu_decode.decode_bwd(
                 grad_outs, codes, W_dec, ctx.layout, need_values=need_v, need_W=need_w,
                 zero_slot_grad=ctx.zero_slot_grad)
         else:
@@ -701,9 +414,21 @@ def sparse_decode_torch(
     b_dec: torch.Tensor | None,
     layout: DecoderLayout,
 ) -> torch.Tensor:
-    """Torch path of :func:`sparse_decode`; differentiable in values, W_dec and b_dec."""
-    return SparseDecodeFunction.apply(W_dec, layout, True, False, True, values, indices,
-                                      b_dec)[0]
+    """Specification of :func:`sparse_decode` (plain autograd): per source, gather the named
+    ``[R_s, d_out]`` writes, weight them by the values and add them into the source's targets;
+    computed in fp32 (fp64 for fp64 inputs) and cast to ``W_dec``'s dtype."""
+    L, N, _ = values.shape
+    acc = torch.promote_types(W_dec.dtype, torch.float32)
+    out = W_dec.new_zeros(L, N, W_dec.shape[1], dtype=acc)
+    for s in range(L):
+        W_s = layout.source_view(W_dec, s).to(acc)  # [F, R_s, d_out]
+        writes = W_s[indices[s].long()]  # [N, K, R_s, d_out]
+        part = (values[s].to(acc)[:, :, None, None] * writes).sum(1)  # [N, R_s, d_out]
+        targets = torch.arange(s, s + layout.reach_of(s), device=out.device)
+        out = out.index_add(0, targets, part.transpose(0, 1))
+    if b_dec is not None:
+        out = out + b_dec.to(acc).unsqueeze(1)
+    return out.to(W_dec.dtype)
 
 
 def sparse_decode(
@@ -718,8 +443,9 @@ def sparse_decode(
     """Decode sparse codes into crosslayer outputs.
 
     Runs the Triton kernels on CUDA tensors (or on CPU under ``TRITON_INTERPRET=1``) when values,
-    W_dec and b_dec are fp32 or bf16, the torch path otherwise (float64 included, and always with
-    ``CLT_FORCE_TORCH=1``).
+    W_dec and b_dec are fp32 or bf16, otherwise the CPU fast path (``kernels.cpu_fast_paths``,
+    on by default) or the torch specification :func:`sparse_decode_torch` (float64 included,
+    and always with ``CLT_FORCE_TORCH=1``).
 
     Args:
         values: ``[L, N, K]`` code values; padded slots hold 0.
@@ -753,12 +479,12 @@ def sparse_decode_many(
     ``zero_slot_grad=False`` promises that the gradient of slots holding 0 is discarded upstream
     (padding; relu'd values): the torch path then computes ``grad_values`` only at nonzero slots
     and returns 0 elsewhere. Leave it True where a zero slot's gradient matters (JumpReLU's STE
-    window). The Triton path computes every slot either way."""
+    window). The Triton path and the specification compute every slot either way."""
     if not codes:
         raise ValueError("sparse_decode_many needs at least one (values, indices, b_dec)")
     if W_dec.dim() != 2 or W_dec.shape[0] != layout.n_rows:
         raise ValueError(f"W_dec must be [{layout.n_rows}, d_out], got {tuple(W_dec.shape)}")
-    kernels_ok = True
+    paths = set()
     for values, indices, b_dec in codes:
         check_codes(values, indices, layout.n_layers)
         # a [d_out] or [L, 1] bias would broadcast silently in the torch path
@@ -767,50 +493,48 @@ def sparse_decode_many(
                 f"b_dec must be [{layout.n_layers}, {W_dec.shape[1]}], got {tuple(b_dec.shape)}"
             )
         floats = [values, W_dec] + ([] if b_dec is None else [b_dec])
-        kernels_ok = kernels_ok and (
-            use_triton(indices, *floats)
-            and all(t.dtype in KERNEL_DTYPES for t in floats)
-            and values.numel() > 0
-            and W_dec.shape[1] > 0
-        )
+        path = pick_path("decode", *floats, others=(indices,))
+        if path == "triton" and (values.numel() == 0 or W_dec.shape[1] == 0):
+            path = "cpu"  # nothing to launch
+        paths.add(path)
+    if "torch" in paths:
+        return [sparse_decode_torch(v, i, W_dec, b, layout) for v, i, b in codes]
     flat = [t for triple in codes for t in triple]
-    return list(SparseDecodeFunction.apply(W_dec, layout, deterministic, kernels_ok,
+    return list(SparseDecodeFunction.apply(W_dec, layout, deterministic, paths == {"triton"},
                                            zero_slot_grad, *flat))
 
 
-class DecoderNormsFunction(torch.autograd.Function):
-    """``[L, F]`` whole-write norms from per-row norms. Its backward writes one ``W_dec``-sized
-    gradient ``W_dec * (g / norm)`` per row; autograd through a norm of each source's block
-    (a slice of ``W_dec``) zero-fills and adds one ``W_dec``-sized gradient per source (12 GB
-    of memset and adds a step at L=12, d=768, F=4096: 6 s of a JumpReLU step)."""
-
-    @staticmethod
-    def forward(ctx, W_dec, layout):
-        acc = torch.promote_types(W_dec.dtype, torch.float32)
-        row_sq = torch.linalg.vector_norm(W_dec, dim=1, dtype=acc).square()  # [n_rows]
-        offsets, F = layout.source_row_offsets, layout.n_features
-        norms = torch.stack([row_sq[offsets[s] : offsets[s + 1]].view(F, -1).sum(1)
-                             for s in range(layout.n_layers)]).sqrt()  # [L, F]
-        ctx.save_for_backward(W_dec, norms)
-        ctx.layout = layout
-        return norms.to(W_dec.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        W_dec, norms = ctx.saved_tensors
-        layout = ctx.layout
-        # d||w|| / dw = w / ||w||, and 0 at w = 0 (torch's subgradient)
-        scale = torch.where(norms > 0, grad.to(norms.dtype) / norms, torch.zeros_like(norms))
-        per_row = torch.cat([scale[s].repeat_interleave(layout.reach_of(s))
-                             for s in range(layout.n_layers)])  # [n_rows]
-        out = buffers.empty(W_dec.shape, W_dec.dtype, W_dec.device)
-        torch.mul(W_dec, per_row.unsqueeze(1).to(W_dec.dtype), out=out)
-        return out, None  # not mul's return value: an alias of out that autograd would not
-        # accumulate into in place (it sums out-of-place into a fresh W_dec-sized tensor)
+# ------------------------------------------------------------------------------------------------
+# compile check (``kernels.compile_check.all_jobs``)
+# ------------------------------------------------------------------------------------------------
 
 
-def decoder_norms(W_dec: torch.Tensor, layout: DecoderLayout) -> torch.Tensor:
-    """``[L, F]`` norm of each feature's whole write, concatenated over all its targets."""
-    if W_dec.dim() != 2 or W_dec.shape[0] != layout.n_rows:
-        raise ValueError(f"W_dec must be [{layout.n_rows}, d_out], got {tuple(W_dec.shape)}")
-    return DecoderNormsFunction.apply(W_dec, layout)
+def compile_jobs(arch: int) -> list[CompileJob]:
+    """Every kernel at the launchers' GPU block sizes (and BLOCK_D 64 where that is the cap for
+    d_out <= 64), fp32 and bf16 tables, int32 and int64 indices; no stack, no spills."""
+    ints = {"N": "i32", "K": "i32", "d_out": "i32", "n_layers": "i32", "reach": "i32"}
+    jobs = []
+    for w, idx in (("*fp32", "*i32"), ("*bf16", "*i64")):
+        rows, bd = GPU_BLOCKS["fwd"]
+        for block_d in sorted({64, bd}):
+            jobs.append(CompileJob(
+                _decode_fwd_kernel,
+                {"values_ptr": w, "indices_ptr": idx, "W_ptr": w, "b_ptr": w,
+                 "row_off_ptr": "*i64", "out_ptr": w, **ints},
+                {"HAS_BIAS": True, "BLOCK_N": rows, "BLOCK_D": block_d}, arch))
+        rows, bd = GPU_BLOCKS["bwd"]
+        for atomic in (True, False):
+            jobs.append(CompileJob(
+                _decode_bwd_kernel,
+                {"values_ptr": w, "indices_ptr": idx, "W_ptr": w, "grad_out_ptr": w,
+                 "row_off_ptr": "*i64", "grad_values_ptr": w, "grad_W_ptr": "*fp32", **ints},
+                {"ATOMIC_GRAD_W": atomic, "BLOCK_M": rows, "BLOCK_D": bd}, arch))
+        rows, bd = GPU_BLOCKS["grad_w"]
+        for block_d, accumulate in [(b, False) for b in sorted({64, bd})] + [(bd, True)]:
+            jobs.append(CompileJob(
+                _decode_bwd_grad_w_kernel,
+                {"values_ptr": w, "grad_out_ptr": w, "row_off_ptr": "*i64", "perm_ptr": "*i64",
+                 "seg_ptr": "*i64", "grad_W_ptr": w, "N": "i32", "K": "i32", "F": "i32",
+                 "d_out": "i32", "n_layers": "i32", "reach": "i32"},
+                {"ACCUMULATE": accumulate, "BLOCK_E": rows, "BLOCK_D": block_d}, arch))
+    return jobs

@@ -6,14 +6,18 @@ Backward (Rajamanoharan et al., 2024): ``da/dpre = H(pre - theta)`` and
 the step ``H(pre - theta)`` (for an L0 penalty) gets ``dH/dtheta = -(1 / eps) * rect(...)`` and no
 gradient in ``pre``. Threshold gradients are chained through ``log_theta`` (``* theta``).
 
-Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``; float64 ``pre`` or ``log_theta`` take the
-torch path): ``theta`` is computed once on the host side with torch's ``exp`` (``[L, F]``, tiny) so
-both paths compare against bit-identical thresholds. ``_jumprelu_fwd_kernel`` is elementwise over
+Off Triton, :func:`jumprelu_torch` is the specification (plain autograd, the STE written as a
+zero-valued term); the CPU path is the Function's torch branch (no saved masks) and, for
+:func:`jumprelu_codes`, the sparse ``JumpReLUCodesFunction`` of :mod:`kernels.cpu.jumprelu`.
+
+Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``; float64 ``pre`` or ``log_theta`` never run a
+kernel): ``theta`` is computed once on the host side with torch's ``exp`` (``[L, F]``, tiny) so both
+paths compare against bit-identical thresholds. ``_jumprelu_fwd_kernel`` is elementwise over
 ``[BLOCK_N, BLOCK_F]`` tiles of one layer (grid ``(F / BLOCK_F, N / BLOCK_N, L)``) and writes ``a``
-and/or ``H``. ``_jumprelu_bwd_kernel`` writes ``grad_pre`` and per-program partial sums
-``sum_n g * rect`` into ``[L, N / BLOCK_N, F]``; a torch sum over the middle axis (fixed order,
-deterministic) and the ``-theta^2 / eps`` (or ``-theta / eps`` for the step) factor finish
-``grad_log_theta``. The tanh / pre-activation loss terms are not fused here.
+and/or ``H``. ``_jumprelu_bwd_kernel`` writes ``grad_pre`` and per-program partial sums ``sum_n g *
+rect`` into ``[L, N / BLOCK_N, F]``; a torch sum over the middle axis (fixed order, deterministic)
+and the ``-theta^2 / eps`` (or ``-theta / eps`` for the step) factor finish ``grad_log_theta``. The
+tanh / pre-activation loss terms are not fused here.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
+from ._dispatch import pick_path, triton_ok
 from .codes import mask_to_codes
+from .compile_check import CompileJob
+from .cpu import jumprelu as cpu_jumprelu
 
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -100,8 +106,8 @@ def jumprelu_fwd(pre, theta, write_a=True, write_h=False, out=None):
         torch.empty_like(pre) if write_a else None, torch.empty_like(pre) if write_h else None
     )
     _jumprelu_fwd_kernel[_grid(L, N, F)](
-        pre, theta, a if write_a else pre, h if write_h else pre, N, F,
-        WRITE_A=write_a, WRITE_H=write_h, **BLOCKS,
+        pre_ptr=pre, theta_ptr=theta, a_ptr=a if write_a else pre, h_ptr=h if write_h else pre,
+        N=N, F=F, WRITE_A=write_a, WRITE_H=write_h, **BLOCKS,
     )
     return a, h
 
@@ -115,8 +121,8 @@ def jumprelu_bwd(grad, pre, theta, eps, step=False, need_pre=True, out=None):
     part = torch.empty(L, grid[1], F, device=pre.device, dtype=torch.float32)
     half_eps = float(torch.tensor(eps / 2, dtype=torch.float32))
     _jumprelu_bwd_kernel[grid](
-        grad, pre, theta, grad_pre if need_pre else pre, part, N, F, half_eps,
-        WRITE_GPRE=need_pre, **BLOCKS,
+        g_ptr=grad, pre_ptr=pre, theta_ptr=theta, gpre_ptr=grad_pre if need_pre else pre,
+        part_ptr=part, N=N, F=F, half_eps=half_eps, WRITE_GPRE=need_pre, **BLOCKS,
     )
     # d/dlog_theta = theta * d/dtheta; d/dtheta = -(theta / eps) * rect (a) or -(1 / eps) (H)
     coef = theta / eps if not step else torch.ones_like(theta) / eps
@@ -124,11 +130,11 @@ def jumprelu_bwd(grad, pre, theta, eps, step=False, need_pre=True, out=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# torch path and autograd
+# autograd (Triton, or the CPU torch branch), the torch specification and the public ops
 # ------------------------------------------------------------------------------------------------
 
 
-def _theta(log_theta: torch.Tensor) -> torch.Tensor:
+def theta_of(log_theta: torch.Tensor) -> torch.Tensor:
     """``[L, 1, F]`` thresholds in at least float32 (bf16 thresholds would round away steps)."""
     return log_theta.to(torch.promote_types(log_theta.dtype, torch.float32)).exp().unsqueeze(1)
 
@@ -137,21 +143,12 @@ def _rect(pre: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
     return ((pre - theta).abs() < eps / 2).to(pre.dtype)
 
 
-def _triton_ok(pre: torch.Tensor, log_theta: torch.Tensor) -> bool:
-    """float64 ``pre`` or thresholds (references, gradcheck) take the torch path."""
-    return (
-        use_triton(pre, log_theta)
-        and pre.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and log_theta.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    )
-
-
 class JumpReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre, log_theta, eps, step):
-        theta = _theta(log_theta)
+        theta = theta_of(log_theta)
         ctx.eps, ctx.theta_dtype, ctx.step = eps, log_theta.dtype, step
-        ctx.triton = _triton_ok(pre, log_theta)
+        ctx.triton = triton_ok("jumprelu", pre, log_theta)
         if ctx.triton:
             pre = pre.contiguous()
             a, h = jumprelu_fwd(pre, theta.squeeze(1).contiguous(), write_a=not step,
@@ -181,6 +178,21 @@ class JumpReLUFunction(torch.autograd.Function):
         return grad_pre, grad_log_theta, None, None
 
 
+def jumprelu_torch(pre: torch.Tensor, log_theta: torch.Tensor, eps: float,
+                   step: bool = False) -> torch.Tensor:
+    """Specification of :func:`jumprelu` (``step``: of :func:`jumprelu_step`), plain autograd in
+    fp32: ``a = pre * H(pre - theta)`` (or ``H``) plus a term that is 0 in value and whose
+    gradient is the STE's ``d/dtheta = -(theta / eps) * rect`` (``-(1 / eps) * rect`` for ``H``);
+    autograd chains it through ``theta = exp(log_theta)``."""
+    theta = theta_of(log_theta)  # [L, 1, F]
+    p = pre.to(torch.promote_types(pre.dtype, torch.float32))
+    on = (p > theta).to(p.dtype)
+    rect = ((p - theta).abs() < eps / 2).to(p.dtype)
+    coef = 1.0 / eps if step else theta.detach() / eps
+    ste = -coef * rect * (theta - theta.detach())  # value 0
+    return ((on if step else p * on) + ste).to(pre.dtype)
+
+
 def _check(pre: torch.Tensor, log_theta: torch.Tensor, eps: float) -> None:
     if pre.dim() != 3 or log_theta.shape != (pre.shape[0], pre.shape[2]):
         raise ValueError(
@@ -197,12 +209,16 @@ def jumprelu(pre: torch.Tensor, log_theta: torch.Tensor, eps: float) -> torch.Te
     ``pre [L, N, F]``, ``log_theta [L, F]``; returns ``a`` in ``pre``'s dtype.
     """
     _check(pre, log_theta, eps)
+    if pick_path("jumprelu", pre, log_theta) == "torch":
+        return jumprelu_torch(pre, log_theta, eps)
     return JumpReLUFunction.apply(pre, log_theta, eps, False)
 
 
 def jumprelu_step(pre: torch.Tensor, log_theta: torch.Tensor, eps: float) -> torch.Tensor:
     """``H(pre - exp(log_theta))`` with the STE threshold gradient (for an L0 penalty)."""
     _check(pre, log_theta, eps)
+    if pick_path("jumprelu", pre, log_theta) == "torch":
+        return jumprelu_torch(pre, log_theta, eps, step=True)
     return JumpReLUFunction.apply(pre, log_theta, eps, True)
 
 
@@ -217,13 +233,13 @@ def jumprelu_codes(
     silently halves the threshold gradient.
     """
     _check(pre, log_theta, eps)
-    if not _triton_ok(pre, log_theta):
-        return JumpReLUCodesFunction.apply(pre, log_theta, eps)
+    if pick_path("jumprelu", pre, log_theta) == "cpu":
+        return cpu_jumprelu.JumpReLUCodesFunction.apply(pre, log_theta, eps)
     a = jumprelu(pre, log_theta, eps)
-    return mask_to_codes(a, _window(pre.detach(), _theta(log_theta.detach()), eps))
+    return mask_to_codes(a, window_of(pre.detach(), theta_of(log_theta.detach()), eps))
 
 
-def _window(pre: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+def window_of(pre: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
     """``[L, N, F]`` bool: the entries the codes hold, ``pre - theta > -eps/2`` (the same
     arithmetic as ``_rect``: ``pre > theta - eps/2`` rounds differently and can drop an entry the
     rectangle holds, e.g. float32 pre == fl(theta - eps/2) with that rounding up). One layer at a
@@ -234,40 +250,22 @@ def _window(pre: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
     return window
 
 
-class JumpReLUCodesFunction(torch.autograd.Function):
-    """Torch path of :func:`jumprelu_codes`, sparse in both directions: the forward packs the
-    window entries of ``pre`` without a dense ``a``, the backward reads only the code slots (the
-    STE is 0 outside the window: ``H = 0`` and ``rect = 0`` there) and writes one dense
-    ``grad_pre``. Dense autograd through ``jumprelu`` and ``mask_to_codes`` allocates about ten
-    ``[L, N, F]`` temporaries (a zeroed scatter target, the masks, ``rect``'s difference, ...):
-    at L=12, N=1024, F=4096 each is a fresh 200 MB."""
+# ------------------------------------------------------------------------------------------------
+# compile check (``kernels.compile_check.all_jobs``)
+# ------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(ctx, pre, log_theta, eps):
-        theta = _theta(log_theta).squeeze(1)  # [L, F]
-        window = _window(pre, theta.unsqueeze(1), eps)
-        picked, indices = mask_to_codes(pre, window)  # [L, N, K], padding 0 / index 0
-        counts = window.sum(dim=-1, dtype=torch.int32)  # [L, N]
-        real = torch.arange(picked.shape[-1], device=pre.device) < counts.unsqueeze(-1)
-        theta_slot = theta.gather(1, indices.flatten(1).long()).view(picked.shape)
-        on = (picked > theta_slot) & real
-        ctx.save_for_backward(picked, indices, theta_slot, theta, real, on)
-        ctx.eps, ctx.shape, ctx.theta_dtype = eps, pre.shape, log_theta.dtype
-        ctx.mark_non_differentiable(indices)
-        return picked * on, indices
 
-    @staticmethod
-    def backward(ctx, grad_values, _grad_indices):
-        picked, indices, theta_slot, theta, real, on = ctx.saved_tensors
-        idx = indices.long()
-        grad_pre = grad_log_theta = None
-        if ctx.needs_input_grad[0]:  # dH/dpre = 0 a.e.: the gradient of the active entries
-            grad_pre = grad_values.new_zeros(ctx.shape)
-            grad_pre.scatter_add_(2, idx, grad_values * on)  # padding adds 0 to feature 0
-        if ctx.needs_input_grad[1]:  # -(theta / eps) * rect * g, chained through exp
-            rect = ((picked - theta_slot).abs() < ctx.eps / 2) & real
-            dtheta = -(theta_slot / ctx.eps) * rect * grad_values.to(theta_slot.dtype)
-            summed = theta.new_zeros(theta.shape).scatter_add_(1, idx.flatten(1),
-                                                               dtheta.flatten(1))
-            grad_log_theta = (summed * theta).to(ctx.theta_dtype)
-        return grad_pre, grad_log_theta, None
+def compile_jobs(arch: int) -> list[CompileJob]:
+    """Both kernels at the GPU tiles, bf16 ``pre``; no stack, no spills."""
+    blocks = {k: v for k, v in BLOCKS.items() if k != "num_warps"}
+    warps = BLOCKS["num_warps"]
+    return [
+        CompileJob(_jumprelu_fwd_kernel,
+                   {"pre_ptr": "*bf16", "theta_ptr": "*fp32", "a_ptr": "*bf16", "h_ptr": "*bf16",
+                    "N": "i32", "F": "i32"}, {"WRITE_A": True, "WRITE_H": True, **blocks},
+                   arch, warps),
+        CompileJob(_jumprelu_bwd_kernel,
+                   {"g_ptr": "*bf16", "pre_ptr": "*bf16", "theta_ptr": "*fp32",
+                    "gpre_ptr": "*bf16", "part_ptr": "*fp32", "N": "i32", "F": "i32",
+                    "half_eps": "fp32"}, {"WRITE_GPRE": True, **blocks}, arch, warps),
+    ]

@@ -44,10 +44,9 @@ Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``; float64 takes the torch 
   and ``grad_x`` contributions are written pair-major and summed per token here instead of with
   atomics, so the results are bitwise reproducible. Costs one ``[P, d]`` fp32 write and read.
 
-The torch path (the specification and the CPU path) uses the same plan and loops over the active
-experts: per expert two GEMMs over its gathered tokens into its entries' rows, then one
-``embedding_bag`` sums each token's slots (the combine), in fp32 (fp64 for fp64 inputs).
-Neither path forms a ``[N, T, r]`` tensor or a dense ``[N, T]`` gate.
+Off Triton, the CPU path (:mod:`kernels.cpu.molt`, ``kernels.cpu_fast_paths`` on, the default)
+uses the same plan and loops over the active experts; the specification
+:func:`molt_apply_torch` gathers every slot's matrices (dense, plain autograd).
 """
 
 from __future__ import annotations
@@ -56,13 +55,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F_
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreter_on, use_triton
-from .decode import check_codes
-from .topk import _dot_precision
+from ._dispatch import cpu_fast_paths, dot_precision, fit_block, interpreter_on, triton_ok
+from .compile_check import CompileJob
+from .cpu import molt as cpu_molt
+from .layout import check_codes
 
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -202,7 +201,7 @@ def _molt_combine_kernel(
 # Host launchers
 # ------------------------------------------------------------------------------------------------
 
-# GPU tiles (sm_90 compile check in tests/test_molt.py: no stack, no spills at 4 warps, fp32 and
+# GPU tiles (sm_90 compile check, compile_jobs(): no stack, no spills at 4 warps, fp32 and
 # bf16). The grouped GEMM's tile is BLOCK_P entries of one expert: 64 keeps an expert with ~100
 # tokens (N=4096, K=16, 512 transforms per layer) at two tiles; tl.dot needs every dim >= 16.
 GEMM_BLOCKS_GPU = dict(BLOCK_P=64, BLOCK_C=64, BLOCK_K=32)
@@ -212,18 +211,12 @@ COMBINE_BLOCKS_GPU = dict(BLOCK_R=16, BLOCK_C=128)
 GEMM_BLOCKS_INTERP = dict(BLOCK_P=16, BLOCK_C=16, BLOCK_K=16)
 WGRAD_BLOCKS_INTERP = dict(BLOCK_I=16, BLOCK_J=16, BLOCK_P=16)
 COMBINE_BLOCKS_INTERP = dict(BLOCK_R=8, BLOCK_C=32)
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def gemm_blocks(blocks: dict, precision: str) -> dict:
     """Tiles of the grouped GEMM for a ``tl.dot`` precision: an ieee fp32 dot runs on CUDA cores
     and at ``BLOCK_K`` 32 ptxas keeps an 8 B stack frame at sm_90; 16 keeps it at 0."""
     return {**blocks, "BLOCK_K": min(blocks["BLOCK_K"], 16)} if precision == "ieee" else blocks
-
-
-def _fit(block: int, n: int) -> int:
-    """A block size capped by ``block`` and shrunk to ``n`` (at least 16, ``tl.dot``'s minimum)."""
-    return min(block, max(16, triton.next_power_of_2(max(n, 1))))
 
 
 @dataclass
@@ -326,10 +319,11 @@ def _gemm(a, b, out, plan, g, blocks, *, gather, scale, b_strides, KD, C, a_base
     t0, t1 = plan.group_tiles[g]
     if t1 == t0:
         return
-    precision = _dot_precision(b.dtype)
+    precision = dot_precision(b.dtype)
     blocks = gemm_blocks(blocks, precision)
-    block_c = _fit(blocks["BLOCK_C"], C)
-    block_k = _fit(blocks["BLOCK_K"], KD)
+    # tl.dot needs every dim >= 16
+    block_c = fit_block(blocks["BLOCK_C"], C, 16)
+    block_k = fit_block(blocks["BLOCK_K"], KD, 16)
     dtypes = {a.dtype, b.dtype}
     grid = (t1 - t0, triton.cdiv(C, block_c))
     _molt_gemm_kernel[grid](
@@ -346,20 +340,20 @@ def _gemm(a, b, out, plan, g, blocks, *, gather, scale, b_strides, KD, C, a_base
 def _wgrad(a, c, out, plan, g, blocks, *, gather_a, gather_c, scale, I, J, base=0):
     """Launch ``_molt_wgrad_kernel`` over group ``g``'s experts (writes all of ``out``)."""
     e0, e1 = plan.group_experts[g]
-    block_i, block_j = _fit(blocks["BLOCK_I"], I), _fit(blocks["BLOCK_J"], J)
+    block_i, block_j = fit_block(blocks["BLOCK_I"], I, 16), fit_block(blocks["BLOCK_J"], J, 16)
     grid = (e1 - e0, triton.cdiv(I, block_i), triton.cdiv(J, block_j))
     _molt_wgrad_kernel[grid](
         a_ptr=a, c_ptr=c, scale_ptr=plan.val if scale else plan.seg, tok_ptr=plan.tok,
         seg_ptr=plan.seg, out_ptr=out, e0=e0, a_base=base, c_base=base, I=I, J=J,
         GATHER_A=gather_a, GATHER_C=gather_c, SCALE=scale, BLOCK_I=block_i, BLOCK_J=block_j,
-        BLOCK_P=blocks["BLOCK_P"], PRECISION=_dot_precision(out.dtype),
+        BLOCK_P=blocks["BLOCK_P"], PRECISION=dot_precision(out.dtype),
         UPCAST=not a.is_cuda or a.dtype != c.dtype,
     )
 
 
 def _combine(buf, pos, out, K, blocks):
     R, C = out.shape
-    block_c = min(blocks["BLOCK_C"], triton.next_power_of_2(max(C, 1)))
+    block_c = fit_block(blocks["BLOCK_C"], C)
     grid = (triton.cdiv(R, blocks["BLOCK_R"]), triton.cdiv(C, block_c))
     _molt_combine_kernel[grid](buf_ptr=buf, pos_ptr=pos, out_ptr=out, R=R, K=K, C=C,
                                BLOCK_R=blocks["BLOCK_R"], BLOCK_C=block_c)
@@ -463,103 +457,7 @@ def molt_bwd(grad_out, x, values, indices, Us, Vs, *, need_x, need_values, need_
 
 
 # ------------------------------------------------------------------------------------------------
-# torch path (the specification and the CPU path)
-# ------------------------------------------------------------------------------------------------
-
-
-def _experts(plan: MoltPlan, g: int):
-    """``(local expert, lo, hi)`` of group ``g``'s experts that hold entries."""
-    e0, e1 = plan.group_experts[g]
-    seg = plan.seg_host
-    for e in range(e0, e1):
-        if seg[e + 1] > seg[e]:
-            yield e - e0, seg[e], seg[e + 1]
-
-
-def _pair_buffer(plan: MoltPlan, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[P + 1, width]`` per-entry rows; the extra zero row is where unused slots point."""
-    P = plan.perm.numel()
-    buf = torch.empty(P + 1, width, device=plan.perm.device, dtype=dtype)
-    buf[P] = 0
-    return buf
-
-
-def _combine_torch(buf: torch.Tensor, plan: MoltPlan, K: int) -> torch.Tensor:
-    """``[L * N, width]`` sums of each token's slots' rows: one ``embedding_bag`` (bags of ``K``
-    slots; unused slots read the zero row). A per-expert ``index_add_`` instead was half of the
-    CPU step (a single-threaded scatter, ~6 ms per expert at N=1024, d=576)."""
-    pos = torch.where(plan.pos < 0, buf.shape[0] - 1, plan.pos)
-    offsets = torch.arange(0, pos.numel(), K, device=pos.device)
-    return F_.embedding_bag(pos, buf, offsets, mode="sum")
-
-
-def molt_fwd_torch(x, values, indices, Us, Vs):
-    """Torch forward: per active expert ``z = v * (x[tok] @ V_e^T) @ U_e^T`` into its entries'
-    rows, then each token sums its slots' rows."""
-    L, N, d_in = x.shape
-    K = values.shape[2]
-    d_out = Us[0].shape[2]
-    acc = torch.promote_types(x.dtype, torch.float32)
-    plan = make_plan(values, indices, [U.shape[1] for U in Us])
-    x2 = x.reshape(L * N, d_in)
-    z = _pair_buffer(plan, d_out, acc)
-    for g, (U, V) in enumerate(zip(Us, Vs, strict=True)):
-        U2, V2 = U.flatten(0, 1), V.flatten(0, 1)  # [E_g, d_out, r], [E_g, r, d_in]
-        for e, lo, hi in _experts(plan, g):
-            h = x2.index_select(0, plan.tok[lo:hi]).to(acc) @ V2[e].to(acc).t()  # [c, r]
-            # the gate scales the [c, r] side, and the product lands in place: no [c, d] temps
-            h.mul_(plan.val[lo:hi].to(acc).unsqueeze(1))
-            torch.mm(h, U2[e].to(acc).t(), out=z[lo:hi])
-    return _combine_torch(z, plan, K).view(L, N, d_out).to(x.dtype)
-
-
-def molt_bwd_torch(grad_out, x, values, indices, Us, Vs, *, need_x, need_values, need_w,
-                   zero_slot_grad=True):
-    """Torch backward, same contract as :func:`molt_bwd`."""
-    L, N, d_in = x.shape
-    K = values.shape[2]
-    d_out = Us[0].shape[2]
-    acc = torch.promote_types(x.dtype, torch.float32)
-    plan = make_plan(values, indices, [U.shape[1] for U in Us],
-                     zero_slots=zero_slot_grad if need_values else False)
-    x2, g2 = x.reshape(L * N, d_in), grad_out.reshape(L * N, d_out)
-    gx_pairs = _pair_buffer(plan, d_in, acc) if need_x else None
-    dots = torch.zeros(plan.perm.numel(), device=x.device, dtype=acc)
-    grad_Us, grad_Vs = [], []
-    for g, (U, V) in enumerate(zip(Us, Vs, strict=True)):
-        need_U, need_V = need_w[g]
-        U2, V2 = U.flatten(0, 1), V.flatten(0, 1)
-        gU = torch.zeros_like(U2) if need_U else None
-        gV = torch.zeros_like(V2) if need_V else None
-        for e, lo, hi in _experts(plan, g):
-            tok = plan.tok[lo:hi]
-            v = plan.val[lo:hi].to(acc).unsqueeze(1)  # [c, 1]
-            xs, gs = x2.index_select(0, tok).to(acc), g2.index_select(0, tok).to(acc)
-            Ue, Ve = U2[e].to(acc), V2[e].to(acc)
-            h = xs @ Ve.t()  # [c, r]
-            gu = gs @ Ue  # [c, r]
-            dots[lo:hi] = (gu * h).sum(dim=1)
-            gh = gu.mul_(v)
-            # v scales the [c, r] factors, never a [c, d] one
-            if need_U:
-                gU[e] = (gs.t() @ h.mul_(v)).to(U.dtype)
-            if need_V:
-                gV[e] = (gh.t() @ xs).to(V.dtype)
-            if need_x:
-                torch.mm(gh, Ve, out=gx_pairs[lo:hi])
-        grad_Us.append(None if gU is None else gU.view_as(U))
-        grad_Vs.append(None if gV is None else gV.view_as(V))
-    grad_values = None
-    if need_values:
-        grad_values = values.new_zeros(L * N * K)
-        grad_values[plan.perm] = dots.to(values.dtype)
-        grad_values = grad_values.view_as(values)
-    grad_x = _combine_torch(gx_pairs, plan, K).view(L, N, d_in).to(x.dtype) if need_x else None
-    return grad_x, grad_values, grad_Us, grad_Vs
-
-
-# ------------------------------------------------------------------------------------------------
-# autograd and the public op
+# autograd, the torch specification and the public op
 # ------------------------------------------------------------------------------------------------
 
 
@@ -573,7 +471,7 @@ class MoltFunction(torch.autograd.Function):
         Us, Vs = weights[:G], weights[G:]
         ctx.save_for_backward(x, values, indices, *weights)
         ctx.zero_slot_grad, ctx.kernels = zero_slot_grad, kernels
-        fwd = molt_fwd if kernels else molt_fwd_torch
+        fwd = molt_fwd if kernels else cpu_molt.molt_fwd
         return fwd(x, values, indices, Us, Vs)
 
     @staticmethod
@@ -582,7 +480,7 @@ class MoltFunction(torch.autograd.Function):
         G = len(weights) // 2
         need = ctx.needs_input_grad
         need_w = [(need[5 + g], need[5 + G + g]) for g in range(G)]
-        bwd = molt_bwd if ctx.kernels else molt_bwd_torch
+        bwd = molt_bwd if ctx.kernels else cpu_molt.molt_bwd
         grad_x, grad_values, grad_Us, grad_Vs = bwd(
             grad_out, x, values, indices, weights[:G], weights[G:], need_x=need[0],
             need_values=need[1], need_w=need_w, zero_slot_grad=ctx.zero_slot_grad,
@@ -621,6 +519,41 @@ def _check(x, values, indices, Us, Vs) -> None:
                              f"{U.dtype}, {V.dtype} (group {g})")
 
 
+def molt_apply_torch(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    U: torch.Tensor | Sequence[torch.Tensor],
+    V: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    zero_slot_grad: bool | torch.Tensor = True,
+) -> torch.Tensor:
+    """Specification of :func:`molt_apply`: every slot's ``U_t`` and ``V_t`` gathered
+    (``[L, N, K, d, r]``: tiny shapes only), fp32 compute cast back, plain autograd."""
+    Us, Vs = _as_list(U), _as_list(V)
+    T = sum(U_g.shape[1] for U_g in Us)
+    idx = indices.long()
+    if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < T:
+        raise ValueError(f"molt_apply: transform ids must be in [0, {T}), got "
+                         f"{int(idx.min())}..{int(idx.max())}")
+    if zero_slot_grad is not True:  # value-0 slots not named pass no gradient to their value
+        named = values != 0 if zero_slot_grad is False else (values != 0) | zero_slot_grad
+        values = torch.where(named, values, values.detach())
+    acc = torch.promote_types(x.dtype, torch.float32)
+    L = x.shape[0]
+    layer = torch.arange(L, device=x.device)[:, None, None]
+    y, first = 0, 0
+    for U_g, V_g in zip(Us, Vs, strict=True):
+        local = idx - first
+        mine = (local >= 0) & (local < U_g.shape[1])  # [L, N, K] slots of this group
+        t = local.clamp(0, U_g.shape[1] - 1)
+        h = V_g.to(acc)[layer, t] @ x.to(acc)[:, :, None, :, None]  # [L, N, K, r, 1]
+        z = (U_g.to(acc)[layer, t] @ h).squeeze(-1)  # [L, N, K, d_out]
+        y = y + ((values.to(acc) * mine).unsqueeze(-1) * z).sum(2)
+        first += U_g.shape[1]
+    return y.to(x.dtype)
+
+
 def molt_apply(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -634,7 +567,8 @@ def molt_apply(
 
     Differentiable in ``x``, ``values`` and every ``U_g`` / ``V_g`` (not ``indices``). Runs the
     Triton kernels on CUDA tensors (or on CPU under ``TRITON_INTERPRET=1``) for fp32 / bf16 / fp16,
-    the torch path otherwise (float64 included, and always with ``CLT_FORCE_TORCH=1``). One host
+    otherwise the CPU path (``kernels.cpu_fast_paths``, on by default) or the specification
+    :func:`molt_apply_torch` (float64 included, and always with ``CLT_FORCE_TORCH=1``). One host
     sync per forward and per backward (the plan's group sizes).
 
     Args:
@@ -663,11 +597,45 @@ def molt_apply(
                          f"values {tuple(values.shape)}, got {zero_slot_grad.dtype} "
                          f"{tuple(zero_slot_grad.shape)}")
     floats = [x, values, *Us, *Vs]
-    kernels = (
-        use_triton(indices, *floats)
-        and all(t.dtype in KERNEL_DTYPES for t in floats)
-        and values.numel() > 0
+    kernels = triton_ok("molt", *floats, others=(indices,)) and values.numel() > 0 \
         and x.shape[2] > 0
-    )
+    if not kernels and not cpu_fast_paths.enabled():
+        return molt_apply_torch(x, values, indices, Us, Vs, zero_slot_grad=zero_slot_grad)
     return MoltFunction.apply(x, values, indices, zero_slot_grad, kernels, *Us, *Vs)
 
+
+# ------------------------------------------------------------------------------------------------
+# compile check (``kernels.compile_check.all_jobs``)
+# ------------------------------------------------------------------------------------------------
+
+
+def compile_jobs(arch: int) -> list[CompileJob]:
+    """Every kernel variant the launchers use, at the GPU block sizes, fp32 and bf16; no stack,
+    no spills."""
+    ints = {"tile0": "i32", "e0": "i32", "a_base": "i32", "out_base": "i32", "KD": "i32",
+            "C": "i32", "stride_be": "i32", "stride_bk": "i32", "stride_bc": "i32"}
+    jobs = []
+    for w, precisions in (("*fp32", ("tf32", "ieee")), ("*bf16", ("tf32",))):
+        for precision in precisions:
+            # gathered x / grad_y rows (h, gu), and pair-major fp32 h / gh (z, grad_x pairs)
+            for gather, scale, a in ((True, False, w), (False, True, "*fp32")):
+                sig = {"a_ptr": a, "b_ptr": w, "out_ptr": "*fp32", "tok_ptr": "*i64",
+                       "scale_ptr": w, "seg_ptr": "*i64", "tile_e_ptr": "*i64",
+                       "tile_p_ptr": "*i64", **ints}
+                jobs.append(CompileJob(_molt_gemm_kernel, sig, dict(
+                    GATHER_A=gather, SCALE=scale, PRECISION=precision, UPCAST=a != w,
+                    **gemm_blocks(GEMM_BLOCKS_GPU, precision)), arch))
+            # grad_U (gathered grad_y, scaled, with h) and grad_V (gh with gathered x)
+            for ga, gc, scale, a, c in ((True, False, True, w, "*fp32"),
+                                        (False, True, False, "*fp32", w)):
+                sig = {"a_ptr": a, "c_ptr": c, "scale_ptr": w, "tok_ptr": "*i64",
+                       "seg_ptr": "*i64", "out_ptr": w, "e0": "i32", "a_base": "i32",
+                       "c_base": "i32", "I": "i32", "J": "i32"}
+                jobs.append(CompileJob(_molt_wgrad_kernel, sig, dict(
+                    GATHER_A=ga, GATHER_C=gc, SCALE=scale, PRECISION=precision, UPCAST=a != c,
+                    **WGRAD_BLOCKS_GPU), arch))
+        jobs.append(CompileJob(
+            _molt_combine_kernel,
+            {"buf_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": w, "R": "i32", "K": "i32",
+             "C": "i32"}, dict(COMBINE_BLOCKS_GPU), arch))
+    return jobs

@@ -4,7 +4,12 @@ Per (layer, token) keep the ``k`` largest pre-activations ``pre = x @ W_enc + b_
 uses only the selected entries: ``grad W_enc[:, f] = sum_{(n, j): idx = f} g[n, j] * x[n]``, which
 costs ``O(N * k * d_in)`` instead of a dense ``[N, F]`` GEMM, and no ``[L, N, F]`` tensor is kept.
 
-Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``; float64 inputs always take the torch path):
+**Tie rule** (every path): among equal scores the lower feature index ranks first, so the set
+kept at the k-th value and the order of the slots are deterministic. The Triton kernel packs it
+into its keys; the torch specification (:func:`encode_topk_torch`) is a stable descending sort;
+the CPU path (:mod:`kernels.cpu.topk`) fixes ``torch.topk``'s choice where it differs.
+
+Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``; float64 inputs never run a kernel):
 
 - ``_encode_topk_fwd_kernel``: one program per (``BLOCK_N`` tokens, layer). It walks the feature
   axis in ``BLOCK_F`` tiles, computes each tile of ``pre`` with ``tl.dot`` (fp32 accumulation) and
@@ -37,12 +42,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F_
 import triton
 import triton.language as tl
 
-from . import buffers
-from ._dispatch import interpreter_on, use_triton
+from ._dispatch import cpu_fast_paths, dot_precision, next_pow2, on_gpu, triton_ok
+from .compile_check import CompileJob
+from .cpu import topk as cpu_topk
 
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -234,10 +239,6 @@ DW_BLOCKS = dict(BLOCK_F=32, BLOCK_D=64, BLOCK_E=32)
 DX_BLOCKS = dict(BLOCK_N=32, BLOCK_D=64)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def fwd_blocks(KP: int, gpu: bool = True, precision: str = "tf32") -> dict:
     """Tile sizes of the fused forward for a padded ``k`` of ``KP``."""
     blocks = dict(FWD_BLOCKS_GPU if gpu else FWD_BLOCKS_INTERP)
@@ -252,22 +253,14 @@ def fwd_blocks(KP: int, gpu: bool = True, precision: str = "tf32") -> dict:
     return blocks
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use TF32 only where torch's own matmul would (``allow_tf32``), so the fused
-    selection agrees with the torch path; bf16 / fp16 always run on tensor cores."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def encode_topk_fwd(x, W_enc, b_enc, k, rank_scale=None, out=None):
     """Launch the fused forward; ``out`` optional ``(values fp32-or-x-dtype, indices int64)``."""
     L, N, D = x.shape
     F = W_enc.shape[2]
     x, W_enc, b_enc = x.contiguous(), W_enc.contiguous(), b_enc.contiguous()
-    KP = _next_pow2(k)
-    precision = _dot_precision(x.dtype)
-    blocks = fwd_blocks(KP, gpu=x.is_cuda or not interpreter_on(), precision=precision)
+    KP = next_pow2(k)
+    precision = dot_precision(x.dtype)
+    blocks = fwd_blocks(KP, gpu=on_gpu(x), precision=precision)
     values, indices = out if out is not None else (
         torch.empty(L, N, k, device=x.device, dtype=torch.float32),
         torch.empty(L, N, k, device=x.device, dtype=torch.int64),
@@ -275,15 +268,15 @@ def encode_topk_fwd(x, W_enc, b_enc, k, rank_scale=None, out=None):
     scale = rank_scale.contiguous() if rank_scale is not None else b_enc
     grid = (triton.cdiv(N, blocks["BLOCK_N"]), L)
     _encode_topk_fwd_kernel[grid](
-        x, W_enc, b_enc, scale, values, indices, N, D, F, k,
-        HAS_SCALE=rank_scale is not None, KP=KP, PRECISION=precision,
+        x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, scale_ptr=scale, val_ptr=values, idx_ptr=indices,
+        N=N, D=D, F=F, k=k, HAS_SCALE=rank_scale is not None, KP=KP, PRECISION=precision,
         UPCAST=not x.is_cuda, **blocks,
     )
     if rank_scale is not None:
         # the kernel's values are pre * scale: recompute pre at the selected columns
         _gather_pre_kernel[(triton.cdiv(N, GATHER_BLOCKS["BLOCK_N"]), L)](
-            x, W_enc.transpose(1, 2).contiguous(), b_enc, indices, values, N, D, F, k,
-            **GATHER_BLOCKS,
+            x_ptr=x, wt_ptr=W_enc.transpose(1, 2).contiguous(), b_ptr=b_enc, idx_ptr=indices,
+            val_ptr=values, N=N, D=D, F=F, k=k, **GATHER_BLOCKS,
         )
     return values, indices
 
@@ -304,7 +297,8 @@ def encode_topk_bwd(grad_values, x, W_enc, indices, needs_x, needs_w, needs_b, o
         # [L, F, d_in]: gathered W_enc columns become contiguous rows
         wt = W_enc.transpose(1, 2).contiguous()
         grid = (triton.cdiv(N, DX_BLOCKS["BLOCK_N"]), triton.cdiv(D, DX_BLOCKS["BLOCK_D"]), L)
-        _encode_topk_bwd_dx_kernel[grid](g, indices, wt, grad_x, N, D, F, k, **DX_BLOCKS)
+        _encode_topk_bwd_dx_kernel[grid](g_ptr=g, idx_ptr=indices, wt_ptr=wt, dx_ptr=grad_x,
+                                         N=N, D=D, F=F, k=k, **DX_BLOCKS)
     if needs_w or needs_b:
         # entries (n * k + j) of each layer grouped by feature, in increasing n * k + j
         sorted_f, order = torch.sort(indices.view(L, N * k), dim=1, stable=True)
@@ -314,97 +308,21 @@ def encode_topk_bwd(grad_values, x, W_enc, indices, needs_x, needs_w, needs_b, o
         db = grad_b if needs_b else dw
         grid = (triton.cdiv(F, DW_BLOCKS["BLOCK_F"]), triton.cdiv(D, DW_BLOCKS["BLOCK_D"]), L)
         _encode_topk_bwd_dw_kernel[grid](
-            x, g, order, seg, dw, db, N, D, F, k, HAS_DB=needs_b, **DW_BLOCKS
+            x_ptr=x, g_ptr=g, order_ptr=order, seg_ptr=seg, dw_ptr=dw, db_ptr=db,
+            N=N, D=D, F=F, k=k, HAS_DB=needs_b, **DW_BLOCKS,
         )
     return grad_x, grad_W, grad_b
 
 
 # ------------------------------------------------------------------------------------------------
-# torch path (the specification and the CPU path)
+# autograd, the torch specification and the public ops
 # ------------------------------------------------------------------------------------------------
-
-
-def _encode_topk_fwd(
-    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, rank_scale
-) -> tuple[torch.Tensor, torch.Tensor]:
-    values, indices = [], []
-    for layer in range(x.shape[0]):
-        pre = torch.addmm(b_enc[layer], x[layer], W_enc[layer])  # [N, F]
-        score = pre if rank_scale is None else pre * rank_scale[layer]
-        idx = torch.topk(score, k, dim=-1).indices
-        values.append(pre.gather(1, idx))
-        indices.append(idx)
-    return torch.stack(values), torch.stack(indices)
-
-
-# A layer whose [N, F] gradient has at least one nonzero in DENSE_RATIO columns per row (AuxK:
-# every token picks among the same few dead features) takes dense GEMMs, as in the decode's
-# torch path; a sparse one (TopK: k of F) takes embedding_bag gathers.
-DENSE_RATIO = 8
-
-
-def _encode_topk_bwd(grad_values, x, W_enc, indices, needs_x, needs_w, needs_b):
-    """Gradients of ``values = pre.gather(indices)`` w.r.t. x, W_enc, b_enc from the codes only.
-
-    Per layer, with ``g`` the gradient of the ``N * k`` slots: ``grad_x[n]`` is one
-    ``embedding_bag`` over the rows of ``W_enc^T`` (bag: the token's slots) and ``grad W_enc^T[f]``
-    one over the rows of ``x`` (bag: the slots naming ``f``, sorted by feature; empty bags give
-    the zero columns), so no ``[N * k, d_in]`` product and no zeroed ``[F, d_in]`` buffer exist.
-    A layer with ``F <= DENSE_RATIO * k`` scatters ``g`` into a dense ``[N, F]`` matrix instead.
-    """
-    L, N, k = indices.shape
-    d_in, F = W_enc.shape[1:]
-    grad_x = torch.empty_like(x) if needs_x else None
-    # W_enc-sized: last step's gradient where the trainer donated it (kernels.buffers)
-    grad_W = buffers.empty(W_enc.shape, W_enc.dtype, W_enc.device) if needs_w else None
-    grad_b = grad_values.new_empty(L, F) if needs_b else None
-    tokens = torch.arange(0, N * k, k, device=x.device)  # bag offsets: k slots per token
-    # one working dtype: under autocast the codes' gradient is bf16 while W_enc stays fp32, and
-    # embedding_bag wants its weight and per-sample weights alike
-    work = torch.promote_types(torch.promote_types(grad_values.dtype, W_enc.dtype), x.dtype)
-    for layer in range(L):
-        g = grad_values[layer].reshape(-1).to(work)  # [N * k]
-        idx = indices[layer].reshape(-1).long()
-        if F <= DENSE_RATIO * k:
-            tok = torch.arange(N, device=x.device).repeat_interleave(k)
-            G = g.new_zeros(N, F).index_put_((tok, idx), g, accumulate=True)  # [N, F]
-            if needs_x:
-                grad_x[layer] = G @ W_enc[layer].t().to(work)
-            if needs_w:
-                grad_W[layer] = x[layer].t().to(work) @ G
-            if needs_b:
-                grad_b[layer] = G.sum(0)
-            continue
-        if needs_x:
-            W_t = W_enc[layer].t().to(work).contiguous()  # [F, d_in]: gathered columns as rows
-            grad_x[layer] = F_.embedding_bag(idx, W_t, tokens, per_sample_weights=g, mode="sum")
-        if needs_w:
-            feature, order = torch.sort(idx, stable=True)
-            counts = torch.bincount(feature, minlength=F)
-            starts = torch.cumsum(counts, 0) - counts
-            grad_W[layer] = F_.embedding_bag(order // k, x[layer].to(work), starts,
-                                             per_sample_weights=g[order], mode="sum").t()
-        if needs_b:
-            grad_b[layer] = g.new_zeros(F).index_add_(0, idx, g)
-    return grad_x, grad_W, grad_b
-
-
-# ------------------------------------------------------------------------------------------------
-# autograd and the public op
-# ------------------------------------------------------------------------------------------------
-
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _triton_ok(x, W_enc, b_enc) -> bool:
     """Triton for fp32 / bf16 / fp16 with matching x and W_enc; float64 (gradcheck, references)
-    and mixed dtypes take the torch path."""
-    return (
-        use_triton(x, W_enc, b_enc)
-        and x.dtype in _TRITON_DTYPES
-        and W_enc.dtype == x.dtype
-        and b_enc.dtype in _TRITON_DTYPES
-    )
+    and mixed dtypes take a torch path."""
+    return triton_ok("encode_topk", x, W_enc, b_enc) and W_enc.dtype == x.dtype
 
 
 class EncodeTopKFunction(torch.autograd.Function):
@@ -419,7 +337,7 @@ class EncodeTopKFunction(torch.autograd.Function):
             values, indices = encode_topk_fwd(x, W_enc, b_enc, k, rank_scale)
             values = values.to(x.dtype)
         else:
-            values, indices = _encode_topk_fwd(x, W_enc, b_enc, k, rank_scale)
+            values, indices = cpu_topk.encode_fwd(x, W_enc, b_enc, k, rank_scale)
         ctx.triton_bwd = impl in ("fused", "two_step")
         ctx.b_dtype = b_enc.dtype
         ctx.mark_non_differentiable(indices)
@@ -449,7 +367,7 @@ def _aux_topk_fwd(x, W_enc, b_enc, cols, spare, k):
     W = W_enc.gather(2, cols.unsqueeze(1).expand(-1, W_enc.shape[1], -1))  # [L, d_in, D]
     b = b_enc.gather(1, cols).to(x.dtype).masked_fill(spare, -math.inf)
     pre = torch.baddbmm(b.unsqueeze(1), x, W.to(x.dtype))  # [L, N, D]
-    return pre.topk(k, dim=-1)
+    return cpu_topk.topk_rows(pre, k)
 
 
 def _add_aux_grads(grads, grad_aux, x, W_enc, cols, pos, never) -> None:
@@ -494,10 +412,57 @@ def _encoder_grads(ctx, grad_values, x, W_enc, indices) -> list[torch.Tensor | N
     inputs' dtypes) or the torch path, as ``ctx.triton_bwd`` says."""
     needs = ctx.needs_input_grad[:3]
     if not ctx.triton_bwd:
-        return list(_encode_topk_bwd(grad_values, x, W_enc, indices, *needs))
+        return list(cpu_topk.encode_bwd(grad_values, x, W_enc, indices, *needs))
     grads = encode_topk_bwd(grad_values, x, W_enc, indices, *needs)
     return [None if g is None else g.to(dtype)
             for g, dtype in zip(grads, (x.dtype, W_enc.dtype, ctx.b_dtype), strict=True)]
+
+
+def _pre_torch(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
+    """``[L, N, F]`` pre-activations ``x @ W_enc + b_enc`` in fp32 (fp64 for fp64 inputs)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return torch.baddbmm(b_enc.to(acc).unsqueeze(1), x.to(acc), W_enc.to(acc))
+
+
+def _top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` largest of each row, equal scores by increasing index: a stable sort."""
+    return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def encode_topk_torch(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    rank_scale: torch.Tensor | None = None,
+    aux: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Specification of :func:`encode_topk` (dense, plain autograd, fp32 compute, cast back)."""
+    pre = _pre_torch(x, W_enc, b_enc)  # [L, N, F]
+    score = pre if rank_scale is None else pre * rank_scale.to(pre.dtype).unsqueeze(1)
+    indices = _top_indices(score, k)
+    out = (pre.gather(-1, indices).to(x.dtype), indices)
+    if aux is None:
+        return out
+    cols, spare, k_aux = aux  # [L, D]: AuxK's columns; spare ones never win
+    L, N, _ = pre.shape
+    sub = pre.gather(-1, cols.long().unsqueeze(1).expand(L, N, -1))  # [L, N, D]
+    sub = sub.masked_fill(spare.unsqueeze(1), -math.inf)
+    pos = _top_indices(sub, k_aux)
+    aux_values = sub.gather(-1, pos)
+    aux_indices = cols.long().gather(1, pos.flatten(1)).view_as(pos)
+    return (*out, aux_values.to(x.dtype), aux_indices.masked_fill(aux_values == -math.inf, 0))
+
+
+def encode_at_torch(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, pre: torch.Tensor,
+    indices: torch.Tensor,
+) -> torch.Tensor:
+    """Specification of :func:`encode_at`: the values of ``pre`` at ``indices``, the gradients of
+    ``(x @ W_enc + b_enc).gather(-1, indices)`` (dense, plain autograd)."""
+    indices = indices.long()
+    at = _pre_torch(x, W_enc, b_enc).gather(-1, indices)
+    return pre.detach().gather(-1, indices) + (at - at.detach()).to(pre.dtype)
 
 
 def encode_at(
@@ -526,6 +491,8 @@ def encode_at(
             f"{tuple(b_enc.shape)}, pre {tuple(pre.shape)} and indices {tuple(indices.shape)} "
             "do not agree on [L, N, d_in] x [L, d_in, F] -> [L, N, F], [L, N, K]"
         )
+    if not _triton_ok(x, W_enc, b_enc) and not cpu_fast_paths.enabled():
+        return encode_at_torch(x, W_enc, b_enc, pre, indices)
     return EncodeAtFunction.apply(x, W_enc, b_enc, pre.detach(), indices)
 
 
@@ -547,9 +514,11 @@ def encode_topk(
         k: features kept per row, ``1 <= k <= F``.
         rank_scale: optional ``[L, F]`` non-negative weights (e.g. decoder norms): rows are ranked
             by ``pre * rank_scale`` but the returned values are ``pre``. Not differentiated.
-        impl: ``"auto"`` (fused Triton kernels where ``use_triton`` allows and the dtype is
-            fp32 / bf16 / fp16, else torch), ``"fused"``, ``"two_step"`` (library GEMM + torch
-            top-k forward, Triton sparse backward) or ``"torch"``. Keyword only.
+        impl: ``"auto"`` (fused Triton kernels where Triton runs and the dtype is fp32 / bf16 /
+            fp16, else torch), ``"fused"``, ``"two_step"`` (library GEMM + torch top-k forward,
+            Triton sparse backward) or ``"torch"`` (the CPU path of :mod:`kernels.cpu.topk`, or
+            with ``kernels.cpu_fast_paths(False)`` the specification
+            :func:`encode_topk_torch`). Keyword only.
         aux: AuxK in the same op, ``(columns [L, D], spare [L, D] bool, k_aux)``: also the top
             ``k_aux`` pre-activations (unscaled) among each layer's ``columns`` (its dead
             features; ``spare`` columns never win). Both selections then write one ``W_enc``
@@ -557,7 +526,8 @@ def encode_topk(
 
     Returns:
         ``values [L, N, k]`` (pre-activations, apply relu for TopK codes) and ``indices [L, N, k]``
-        int64, ordered by decreasing score. The Triton path breaks ties by the lower feature index.
+        int64, ordered by decreasing score; equal scores rank the lower feature index first (on
+        every path, so the kept set is the same where ties straddle the k-th place).
         With ``aux`` also ``aux_values [L, N, k_aux]`` (``-inf`` where a layer has fewer than
         ``k_aux`` non-spare columns) and their feature ids ``aux_indices`` (0 at those slots).
     """
@@ -581,7 +551,10 @@ def encode_topk(
         impl = "fused" if _triton_ok(x, W_enc, b_enc) else "torch"
     elif impl not in ("fused", "two_step", "torch"):
         raise ValueError(f"encode_topk: impl must be auto, fused, two_step or torch, got {impl!r}")
+    spec = impl == "torch" and not cpu_fast_paths.enabled()
     if aux is None:
+        if spec:
+            return encode_topk_torch(x, W_enc, b_enc, k, rank_scale)
         return EncodeTopKFunction.apply(x, W_enc, b_enc, k, rank_scale, impl, None, None, None)
     cols, spare, k_aux = aux
     if cols.dim() != 2 or cols.shape[0] != L or spare.shape != cols.shape \
@@ -590,5 +563,44 @@ def encode_topk(
                          f"that shape, got {tuple(cols.shape)} and {tuple(spare.shape)}")
     if not 1 <= k_aux <= cols.shape[1]:
         raise ValueError(f"encode_topk: k_aux must be in 1..{cols.shape[1]}, got {k_aux}")
+    if spec:
+        return encode_topk_torch(x, W_enc, b_enc, k, rank_scale, aux=(cols, spare, k_aux))
     return EncodeTopKFunction.apply(x, W_enc, b_enc, k, rank_scale, impl, cols.long(), spare,
                                     k_aux)
+
+
+# ------------------------------------------------------------------------------------------------
+# compile check (``kernels.compile_check.all_jobs``)
+# ------------------------------------------------------------------------------------------------
+
+
+def compile_jobs(arch: int) -> list[CompileJob]:
+    """Every kernel at the launchers' GPU tiles: the fused forward plain, ranked, as an ieee fp32
+    dot (which may keep a small stack frame, see :func:`fwd_blocks`) and at ``KP`` 64."""
+    i32 = "i32"
+    fwd_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "scale_ptr": "*bf16",
+               "val_ptr": "*fp32", "idx_ptr": "*i64", "N": i32, "D": i32, "F": i32, "k": i32}
+    fwd32 = {**fwd_sig, **{p: "*fp32" for p in ["x_ptr", "w_ptr", "b_ptr", "scale_ptr"]}}
+    jobs = []
+    for sig, kp, scale, precision in [(fwd_sig, 16, False, "tf32"), (fwd_sig, 16, True, "tf32"),
+                                      (fwd32, 16, False, "ieee"), (fwd_sig, 64, False, "tf32")]:
+        blocks = fwd_blocks(kp, gpu=True, precision=precision)
+        warps, _ = blocks.pop("num_warps"), blocks.pop("num_stages")
+        jobs.append(CompileJob(
+            _encode_topk_fwd_kernel, sig,
+            dict(HAS_SCALE=scale, KP=kp, PRECISION=precision, UPCAST=False, **blocks),
+            arch=arch, num_warps=warps, max_stack_bytes=32 if precision == "ieee" else 0))
+    jobs += [
+        CompileJob(_gather_pre_kernel,
+                   {"x_ptr": "*bf16", "wt_ptr": "*bf16", "b_ptr": "*bf16", "idx_ptr": "*i64",
+                    "val_ptr": "*fp32", "N": i32, "D": i32, "F": i32, "k": i32},
+                   dict(GATHER_BLOCKS), arch=arch),
+        CompileJob(_encode_topk_bwd_dw_kernel,
+                   {"x_ptr": "*bf16", "g_ptr": "*bf16", "order_ptr": "*i64", "seg_ptr": "*i64",
+                    "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": i32, "D": i32, "F": i32, "k": i32},
+                   {"HAS_DB": True, **DW_BLOCKS}, arch=arch),
+        CompileJob(_encode_topk_bwd_dx_kernel,
+                   {"g_ptr": "*bf16", "idx_ptr": "*i64", "wt_ptr": "*bf16", "dx_ptr": "*fp32",
+                    "N": i32, "D": i32, "F": i32, "k": i32}, dict(DX_BLOCKS), arch=arch),
+    ]
+    return jobs

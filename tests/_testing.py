@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
+
+F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
+DTYPE_ID = {F64: "fp64", F32: "fp32", BF16: "bf16"}
 
 # (atol, rtol) for a result computed in this dtype and compared with a float64 reference. Inputs
 # are O(1) and sums run over at most a few hundred terms: fp32 keeps ~1e-6 relative per op,
@@ -147,3 +153,100 @@ def write_run_config(folder, kind: str = "topk", source: str = "synthetic", name
     path = folder / f"{name}.json"
     path.write_text(json.dumps(raw))
     return path, folder / "runs" / name
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers of the op tests (tests/ops)
+# ----------------------------------------------------------------------------------------------
+
+
+def make_codes(L: int, N: int, F: int, K: int, dtype: torch.dtype):
+    """Random codes with the awkward cases: an all-padding row and repeated indices in a row."""
+    values = torch.randn(L, N, K, dtype=dtype)
+    indices = torch.randint(0, F, (L, N, K), dtype=torch.int32)
+    values[0, 0], indices[0, 0] = 0, 0  # all-padding row
+    if K > 1:
+        indices[:, 1::3, -1] = indices[:, 1::3, 0]  # the same feature twice in one row
+    return values, indices
+
+def make_decoder(layout, d_out: int, K: int, dtype: torch.dtype):
+    # scaled so outputs stay O(1) whatever the number of summed rows (matters for bf16)
+    W_dec = torch.randn(layout.n_rows, d_out, dtype=dtype) / math.sqrt(K * layout.reach)
+    return W_dec, torch.randn(layout.n_layers, d_out, dtype=dtype)
+
+def ref_codes(src: torch.Tensor, mask: torch.Tensor):
+    """Padded codes by a Python loop: each row's picked features in increasing order."""
+    L, N, F = mask.shape
+    K = max(int(mask.sum(-1).max()), 1)
+    values = torch.zeros(L, N, K, dtype=F64)
+    indices = torch.zeros(L, N, K, dtype=torch.long)
+    for li in range(L):
+        for n in range(N):
+            ids = [f for f in range(F) if mask[li, n, f]]
+            values[li, n, : len(ids)] = src[li, n, ids].to(F64)
+            indices[li, n, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return values, indices
+
+def dense_upstream(G: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, F: int):
+    """``[L, N, F]`` upstream gradient: slot ``j < count`` of each row lands on its feature."""
+    L, N, _ = G.shape
+    dense = torch.zeros(L, N, F, dtype=F64)
+    for li in range(L):
+        for n in range(N):
+            c = int(counts[li, n])
+            dense[li, n, indices[li, n, :c]] += G[li, n, :c].to(F64)
+    return dense
+
+
+def dtypes(*ds):
+    return pytest.mark.parametrize("dtype", ds, ids=[DTYPE_ID[d] for d in ds])
+
+
+def leaf(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fresh leaf copy (optionally cast) that records gradients."""
+    return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
+
+
+def grads(out: torch.Tensor, inputs, upstream: torch.Tensor):
+    return torch.autograd.grad(out, inputs, upstream)
+
+
+def make_encoder(L: int, N: int, d_in: int, F: int, dtype: torch.dtype):
+    """``x [L, N, d_in]``, ``W_enc [L, d_in, F]``, ``b_enc [L, F]``, drawn in fp32 and cast."""
+    x = torch.randn(L, N, d_in).to(dtype)
+    W_enc = (torch.randn(L, d_in, F) / math.sqrt(d_in)).to(dtype)
+    b_enc = torch.randn(L, F).to(dtype)
+    return x, W_enc, b_enc
+
+
+def ref_pre(x, W_enc, b_enc) -> torch.Tensor:
+    return torch.einsum("lnd,ldf->lnf", x.to(F64), W_enc.to(F64)) + b_enc.to(F64).unsqueeze(1)
+
+
+def assert_separated(score: torch.Tensor, k: int, gap: float = 1e-5) -> None:
+    """Precondition: the k-th and (k+1)-th scores of every row differ, so the set is unique."""
+    if k < score.shape[-1]:
+        top = torch.topk(score, k + 1, dim=-1).values
+        assert (top[..., k - 1] - top[..., k]).min() > gap, "test input has a near tie at the cut"
+
+
+class Spy:
+    """Count calls of a launcher while forwarding to it."""
+
+    def __init__(self, monkeypatch, module, name: str):
+        self.calls = 0
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+
+def decode_cpu(values, indices, W_dec, b_dec, layout):
+    """``sparse_decode`` through the CPU path of ``kernels.cpu.decode`` (its autograd Function
+    with the kernels off), whatever the interpreter and ``kernels.cpu_fast_paths`` say."""
+    from kernels.decode import SparseDecodeFunction
+
+    return SparseDecodeFunction.apply(W_dec, layout, True, False, True, values, indices, b_dec)[0]

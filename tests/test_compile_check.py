@@ -53,3 +53,25 @@ def test_parse_usage_reads_spills():
     assert (usage.registers, usage.stack_bytes, usage.spill_bytes) == (64, 16, 8)
     with pytest.raises(RuntimeError, match="could not read"):
         _parse_usage("garbage", "_k")
+
+
+def test_every_op_kernel_compiles_for_sm80_sm90_without_spills():
+    """The jobs each op module exports (``compile_jobs``) cover every kernel of that module, and
+    all compile at the launchers' production block sizes with no spills and no stack frame
+    beyond what the job allows."""
+    import importlib
+
+    from kernels.compile_check import OP_MODULES, all_jobs, check_all
+
+    jobs = all_jobs()
+    for name in OP_MODULES:
+        module = importlib.import_module(f"kernels.{name}")
+        kernels_here = {n for n, v in vars(module).items()
+                        if n.endswith("_kernel") and type(v).__name__ in ("JITFunction",
+                                                                          "InterpretedFunction")}
+        covered = {j.name.split("@")[0] for j in jobs}
+        assert kernels_here and kernels_here <= covered, (name, kernels_here - covered)
+    usages, bad = check_all(jobs)
+    print("\n".join(f"{u.name}: {u.registers} regs, stack {u.stack_bytes}, spill "
+                    f"{u.spill_bytes}" for u in usages))
+    assert len(usages) == len(jobs) and not bad, "\n".join(bad)

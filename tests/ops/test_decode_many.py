@@ -15,8 +15,9 @@ import math
 
 import pytest
 import torch
-from _testing import assert_close, ref_decode
+from _testing import assert_close, decode_cpu, ref_decode
 
+import kernels.cpu.decode as cpu_decode
 import kernels.decode as decode_mod
 from kernels import DecoderLayout, buffers, sparse_decode, sparse_decode_many
 
@@ -101,7 +102,7 @@ def test_torch_path_matches_separate_decodes(L, N, F, K, R, d_out, used):
 def test_torch_path_fp32_every_branch(ratio, monkeypatch):
     """float32 through the torch path (the public op would take the interpreter here), every
     source forced to gathers or to GEMMs."""
-    monkeypatch.setattr(decode_mod, "DENSE_RATIO", ratio)
+    monkeypatch.setattr(cpu_decode, "DENSE_RATIO", ratio)
     monkeypatch.setenv("CLT_FORCE_TORCH", "1")
     layout, main, aux, W_dec, b_dec = make_sets(3, 10, 16, 3, 3, 5, F32)
     ups = [torch.randn(3, 10, 5) for _ in range(2)]
@@ -112,7 +113,7 @@ def test_torch_path_fp32_every_branch(ratio, monkeypatch):
 
 def test_torch_path_chunks_rows(monkeypatch):
     """Several decoder-gradient chunks, some with no entries at all (zeros written)."""
-    monkeypatch.setattr(decode_mod, "CHUNK_BYTES", 5 * 8 * 3)  # 3 rows of d_out=5 float64
+    monkeypatch.setattr(cpu_decode, "CHUNK_BYTES", 5 * 8 * 3)  # 3 rows of d_out=5 float64
     layout, main, aux, W_dec, b_dec = make_sets(3, 4, 40, 2, 3, 5, F64)
     ups = [torch.randn(3, 4, 5, dtype=F64) for _ in range(2)]
     check(run(sparse_decode_many, main, aux, W_dec, b_dec, layout, ups),
@@ -233,7 +234,7 @@ def test_cuda_main_and_auxk_at_production_blocks(dtype, deterministic):
 
 def reference_torch_path(sets, W, layout):
     """Each decode separately through the float64 torch path (the reference on CUDA tensors)."""
-    return [decode_mod.sparse_decode_torch(v, i, W, b, layout) for v, i, b in sets]
+    return [decode_cpu(v, i, W, b, layout) for v, i, b in sets]
 
 
 def test_zero_slot_grad_off_skips_only_zero_slots(monkeypatch):

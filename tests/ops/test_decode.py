@@ -1,27 +1,223 @@
-"""The Triton sparse decode (through the interpreter) against a float64 dense reference.
-
-Outputs and every gradient (values, W_dec, b_dec) for CLT / PLT / window layouts, both decoder
-gradient variants, bf16, int32 / int64 indices, awkward sizes; every kernel output is NaN-poisoned
-before the call, and the kernels compile for sm_80 / sm_90 at production block sizes without
-spills. The reference shares no code with ``kernels/decode.py``: a dense ``[L, N, F]`` activation
-and one dense product per (source, target) with explicit row arithmetic.
+"""The decoder layout and ``sparse_decode`` (specification, CPU path, Triton via the interpreter)
+against a dense float64 decode: outputs and every gradient.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import re
 
 import pytest
 import torch
-from _testing import assert_close, ref_decode
+from _testing import (
+    BF16,
+    F32,
+    F64,
+    assert_close,
+    decode_cpu,
+    dtypes,
+    grads,
+    leaf,
+    make_codes,
+    make_decoder,
+    ref_decode,
+    ref_first_row,
+)
 
-from kernels import DecoderLayout, sparse_decode
-from kernels import decode as decode_mod
-from kernels.compile_check import CompileJob, compile_for_gpu
+from kernels import (
+    DecoderLayout,
+    sparse_decode,
+)
 
-F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
+# the package re-exports functions named like their modules: fetch the modules themselves
+tk, jr, btk, decode_mod = (importlib.import_module(f"kernels.{m}")
+                           for m in ("topk", "jumprelu", "batchtopk", "decode"))
+cpu_topk, cpu_decode = (importlib.import_module(f"kernels.cpu.{m}") for m in ("topk", "decode"))
 
 
+# from test_ops.py
+def test_layout_offsets_and_sources():
+    layout = DecoderLayout(n_layers=4, n_features=3, reach=2)
+    assert [layout.reach_of(s) for s in range(4)] == [2, 2, 2, 1]
+    assert layout.source_row_offsets == (0, 6, 12, 18, 21)
+    assert layout.n_rows == 21
+    for L, R in [(4, 1), (4, 2), (4, 4), (5, 3), (1, 1)]:
+        layout = DecoderLayout(L, 7, R)
+        for s in range(L + 1):
+            assert layout.source_row_offsets[s] == ref_first_row(L, 7, R, s)
+        for t in range(L):
+            brute = [s for s in range(L) if s <= t < s + min(R, L - s)]
+            assert list(layout.sources_of(t)) == brute
+
+
+# from test_ops.py
+def test_layout_source_view_is_a_view():
+    L, F, R, d_out = 4, 3, 3, 5
+    layout = DecoderLayout(L, F, R)
+    W = torch.randn(layout.n_rows, d_out)
+    for s in range(L):
+        R_s = min(R, L - s)
+        view = layout.source_view(W, s)
+        assert view.shape == (F, R_s, d_out)
+        assert view._base is W
+        assert view.data_ptr() == W.data_ptr() + ref_first_row(L, F, R, s) * d_out * W.itemsize
+        for f in range(F):
+            for r in range(R_s):
+                assert torch.equal(view[f, r], W[ref_first_row(L, F, R, s) + f * R_s + r])
+    layout.source_view(W, 2)[1, 0, 3] = 123.0
+    assert W[ref_first_row(L, F, R, 2) + 1 * 2 + 0, 3] == 123.0
+
+
+# from test_ops.py
+@pytest.mark.parametrize("L, F, R", [(3, 4, 0), (3, 4, 4), (3, 4, -1), (0, 4, 1), (3, 0, 1)])
+def test_layout_rejects_invalid(L, F, R):
+    with pytest.raises(ValueError):
+        DecoderLayout(L, F, R)
+
+
+
+
+
+
+
+
+# from test_ops.py
+DECODE_SHAPES = [
+    pytest.param(L, N, F, K, R, d, id=f"L{L}-N{N}-F{F}-K{K}-R{R}-d{d}")
+    for L, N, F, K, R, d in [
+        (3, 5, 16, 4, 3, 7),  # CLT
+        (3, 5, 16, 4, 1, 7),  # PLT
+        (4, 6, 12, 3, 2, 33),  # window, d_out not a power of two
+        (5, 4, 10, 6, 5, 33),  # CLT
+        (4, 6, 12, 1, 3, 8),  # K = 1
+        (1, 5, 8, 3, 1, 7),  # L = 1
+        (3, 1, 16, 5, 3, 7),  # N = 1
+    ]
+]
+
+
+# from test_ops.py
+@dtypes(F64, F32)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("L, N, F, K, R, d_out", DECODE_SHAPES)
+def test_sparse_decode(L, N, F, K, R, d_out, bias, dtype):
+    layout = DecoderLayout(L, F, R)
+    values, indices = make_codes(L, N, F, K, dtype)
+    W_dec, b_dec = make_decoder(layout, d_out, K, dtype)
+    upstream = torch.randn(L, N, d_out, dtype=F64)
+
+    ins = [leaf(values), leaf(W_dec)] + ([leaf(b_dec)] if bias else [])
+    out = sparse_decode(ins[0], indices, ins[1], ins[2] if bias else None, layout)
+    assert out.dtype == dtype and out.shape == (L, N, d_out)
+    got = grads(out, ins, upstream.to(dtype))
+
+    refs = [leaf(t, F64) for t in ins]
+    expected = ref_decode(refs[0], indices, refs[1], refs[2] if bias else None, L, F, R)
+    want = grads(expected, refs, upstream)
+
+    assert_close(out, expected, name="out")
+    for name, g, w in zip(["values", "W_dec", "b_dec"], got, want, strict=False):
+        assert_close(g, w, name=f"grad {name}")
+
+
+# from test_ops.py
+@pytest.mark.parametrize("ratio", [0, 10**9], ids=["gather", "gemm"])
+@dtypes(F64, F32)
+@pytest.mark.parametrize("L, N, F, K, R, d_out", DECODE_SHAPES)
+def test_sparse_decode_torch_paths(L, N, F, K, R, d_out, dtype, ratio, monkeypatch):
+    """The torch path called directly (fp32 included, which the public op sends to the
+    interpreter here), with every source forced to the gather or to the dense-GEMM branch."""
+    monkeypatch.setattr(cpu_decode, "DENSE_RATIO", ratio)
+    layout = DecoderLayout(L, F, R)
+    values, indices = make_codes(L, N, F, K, dtype)
+    W_dec, b_dec = make_decoder(layout, d_out, K, dtype)
+    upstream = torch.randn(L, N, d_out, dtype=F64)
+    ins = [leaf(values), leaf(W_dec), leaf(b_dec)]
+    out = decode_cpu(ins[0], indices, ins[1], ins[2], layout)
+    got = grads(out, ins, upstream.to(dtype))
+    refs = [leaf(t, F64) for t in ins]
+    expected = ref_decode(refs[0], indices, refs[1], refs[2], L, F, R)
+    want = grads(expected, refs, upstream)
+    assert_close(out, expected, name="out")
+    for name, g, w in zip(["values", "W_dec", "b_dec"], got, want, strict=True):
+        assert_close(g, w, name=f"grad {name}")
+
+
+# from test_ops.py
+def test_sparse_decode_torch_mixes_paths_per_source(monkeypatch):
+    """One source with few distinct features (dense GEMMs), the others with many (gathers)."""
+    monkeypatch.setattr(cpu_decode, "DENSE_RATIO", 1)
+    L, N, F, K, R, d_out = 3, 40, 64, 2, 3, 5
+    layout = DecoderLayout(L, F, R)
+    values, indices = make_codes(L, N, F, K, F64)
+    indices[1] = indices[1] % 2  # source 1 names 2 <= DENSE_RATIO * K features
+    W_dec, b_dec = make_decoder(layout, d_out, K, F64)
+    assert torch.unique(indices[0]).numel() > K and torch.unique(indices[1]).numel() <= K
+    upstream = torch.randn(L, N, d_out, dtype=F64)
+    ins = [leaf(values), leaf(W_dec)]
+    got = grads(decode_cpu(ins[0], indices, ins[1], None, layout), ins,
+                upstream)
+    expected = ref_decode(ins[0], indices, ins[1], None, L, F, R)
+    for name, g, w in zip(["values", "W_dec"], got, grads(expected, ins, upstream), strict=True):
+        assert_close(g, w, name=f"grad {name}")
+
+
+# from test_ops.py
+@pytest.mark.parametrize("L, N, F, K, R, d_out", DECODE_SHAPES[:4])
+def test_sparse_decode_bf16_forward(L, N, F, K, R, d_out):
+    layout = DecoderLayout(L, F, R)
+    values, indices = make_codes(L, N, F, K, BF16)
+    W_dec, b_dec = make_decoder(layout, d_out, K, BF16)
+    out = sparse_decode(values, indices, W_dec, b_dec, layout)
+    assert out.dtype == BF16
+    # the reference sees the same bf16-rounded inputs, so only the op's own rounding counts
+    assert_close(out, ref_decode(values, indices, W_dec, b_dec, L, F, R), name="out bf16")
+
+
+# from test_ops.py
+def test_sparse_decode_int64_indices_match_int32():
+    layout = DecoderLayout(3, 8, 2)
+    values, indices = make_codes(3, 4, 8, 3, F64)
+    W_dec, b_dec = make_decoder(layout, 5, 3, F64)
+    a = sparse_decode(values, indices, W_dec, b_dec, layout)
+    b = sparse_decode(values, indices.long(), W_dec, b_dec, layout)
+    assert torch.equal(a, b)
+
+
+# from test_ops.py
+def test_sparse_decode_gradcheck():
+    L, N, F, K, R, d_out = 3, 3, 5, 2, 2, 3
+    layout = DecoderLayout(L, F, R)
+    values, indices = make_codes(L, N, F, K, F64)
+    W_dec, b_dec = make_decoder(layout, d_out, K, F64)
+    assert torch.autograd.gradcheck(
+        lambda v, w, b: sparse_decode(v, indices, w, b, layout),
+        (leaf(values), leaf(W_dec), leaf(b_dec)),
+    )
+
+
+# from test_ops.py
+def test_sparse_decode_rejects_bad_shapes():
+    L, N, F, K, d_out = 3, 4, 6, 2, 5
+    layout = DecoderLayout(L, F, 2)
+    values, indices = make_codes(L, N, F, K, F32)
+    W_dec, b_dec = make_decoder(layout, d_out, K, F32)
+
+    def raises(*args, shape):
+        with pytest.raises(ValueError, match=re.escape(str(shape))):
+            sparse_decode(*args, layout)
+
+    raises(values[:, :, :1], indices, W_dec, b_dec, shape=(3, 4, 1))  # values vs indices
+    raises(values[:2], indices[:2], W_dec, b_dec, shape=(2, 4, 2))  # wrong L
+    raises(values[0], indices[0], W_dec, b_dec, shape=(4, 2))  # not 3-D
+    raises(values, indices, W_dec[1:], b_dec, shape=layout.n_rows - 1)  # row count
+    raises(values, indices, W_dec.flatten(), b_dec, shape=(W_dec.numel(),))  # not 2-D
+    raises(values, indices, W_dec, b_dec[0], shape=(d_out,))  # bias without layers
+    raises(values, indices, W_dec, b_dec[:, :1], shape=(L, 1))  # bias would broadcast
+
+
+# from test_decode_triton.py
 def make_problem(L, N, F, K, R, d_out, dtype=F32, w_dtype=None, index_dtype=torch.int32):
     """Codes with an all-padding row, padding mid-row and repeated indices, and a decoder."""
     layout = DecoderLayout(L, F, R)
@@ -37,16 +233,14 @@ def make_problem(L, N, F, K, R, d_out, dtype=F32, w_dtype=None, index_dtype=torc
     return layout, values.to(dtype), indices.to(index_dtype), W_dec.to(w_dtype), b_dec.to(w_dtype)
 
 
-def leaf(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
-
-
+# from test_decode_triton.py
 def run_op(values, indices, W_dec, b_dec, layout, upstream, **kw):
     ins = [leaf(values), leaf(W_dec)] + ([] if b_dec is None else [leaf(b_dec)])
     out = sparse_decode(ins[0], indices, ins[1], None if b_dec is None else ins[2], layout, **kw)
     return out, torch.autograd.grad(out, ins, upstream.to(out.dtype))
 
 
+# from test_decode_triton.py
 def run_ref(values, indices, W_dec, b_dec, layout, upstream):
     ins = [leaf(values, F64), leaf(W_dec, F64)] + ([] if b_dec is None else [leaf(b_dec, F64)])
     b = None if b_dec is None else ins[2]
@@ -55,6 +249,7 @@ def run_ref(values, indices, W_dec, b_dec, layout, upstream):
     return out, torch.autograd.grad(out, ins, upstream.to(F64))
 
 
+# from test_decode_triton.py
 def check(got, want, tol=None):
     (out, grads), (ref_out, ref_grads) = got, want
     kw = {} if tol is None else dict(atol=tol[0], rtol=tol[1])
@@ -64,6 +259,7 @@ def check(got, want, tol=None):
         assert_close(g, w, name=f"grad {name}", **kw)
 
 
+# from test_decode_triton.py
 @pytest.fixture(autouse=True)
 def poisoned_empty(monkeypatch):
     """Every ``torch.empty`` / ``empty_like`` of a test here is NaN (or -1): an element a kernel
@@ -77,6 +273,7 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
 
 
+# from test_decode_triton.py
 @pytest.fixture
 def spy(monkeypatch):
     """Counts calls of the Triton launchers, to prove the kernel path really ran."""
@@ -95,6 +292,7 @@ def spy(monkeypatch):
     return calls
 
 
+# from test_decode_triton.py
 SHAPES = [
     pytest.param(L, N, F, K, R, d, id=f"L{L}-N{N}-F{F}-K{K}-R{R}-d{d}")
     for L, N, F, K, R, d in [
@@ -105,9 +303,13 @@ SHAPES = [
         (2, 17, 4, 5, 2, 7),  # F < K: many repeats, segments longer than a block
     ]
 ]
+
+
+# from test_decode_triton.py
 VARIANT = pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
 
 
+# from test_decode_triton.py
 @VARIANT
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("L, N, F, K, R, d_out", SHAPES)
@@ -120,6 +322,7 @@ def test_decode_fp32(L, N, F, K, R, d_out, bias, deterministic, spy):
     check(got, run_ref(values, indices, W_dec, b_dec, layout, upstream))
 
 
+# from test_decode_triton.py
 @VARIANT
 @pytest.mark.parametrize("L, N, F, K, R, d_out", SHAPES[:3])
 def test_decode_bf16_int64(L, N, F, K, R, d_out, deterministic, spy):
@@ -133,6 +336,7 @@ def test_decode_bf16_int64(L, N, F, K, R, d_out, deterministic, spy):
     check(got, run_ref(values, indices, W_dec, b_dec, layout, upstream))
 
 
+# from test_decode_triton.py
 def test_decode_fp32_values_bf16_weights(spy):
     layout, values, indices, W_dec, b_dec = make_problem(3, 6, 8, 3, 2, 33, w_dtype=BF16)
     upstream = torch.randn(3, 6, 33).to(BF16)
@@ -142,6 +346,7 @@ def test_decode_fp32_values_bf16_weights(spy):
     check((out, (g_v.to(BF16), g_w, g_b)), ref)
 
 
+# from test_decode_triton.py
 def test_int32_and_int64_indices_agree_bitwise():
     layout, values, indices, W_dec, b_dec = make_problem(3, 7, 8, 3, 2, 9)
     upstream = torch.randn(3, 7, 9)
@@ -151,6 +356,7 @@ def test_int32_and_int64_indices_agree_bitwise():
         assert torch.equal(x, y)
 
 
+# from test_decode_triton.py
 def test_deterministic_backward_is_bitwise_reproducible():
     # 40 tokens x 4 slots onto 3 features: every segment spans several entry blocks
     layout, values, indices, W_dec, b_dec = make_problem(3, 40, 3, 4, 3, 33)
@@ -163,6 +369,7 @@ def test_deterministic_backward_is_bitwise_reproducible():
     check(atomic, first)
 
 
+# from test_decode_triton.py
 @pytest.mark.parametrize("need", ["values", "W_dec"])
 def test_partial_gradients(need, spy):
     layout, values, indices, W_dec, b_dec = make_problem(3, 5, 8, 3, 2, 7)
@@ -176,6 +383,7 @@ def test_partial_gradients(need, spy):
     assert spy["bwd"] == 1
 
 
+# from test_decode_triton.py
 @pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
 def test_launchers_fill_given_buffers(deterministic, poison):
     """Explicit NaN buffers, several blocks per axis (block overrides): every element written."""
@@ -199,6 +407,7 @@ def test_launchers_fill_given_buffers(deterministic, poison):
     assert_close(g_w, ref_w, name="grad W_dec")
 
 
+# from test_decode_triton.py
 def test_dispatch(monkeypatch, spy):
     layout, values, indices, W_dec, b_dec = make_problem(3, 4, 8, 2, 3, 5)
     upstream = torch.randn(3, 4, 5)
@@ -215,6 +424,7 @@ def test_dispatch(monkeypatch, spy):
     check(triton_path, forced)
 
 
+# from test_decode_triton.py
 @pytest.mark.gpu
 @VARIANT
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
@@ -231,54 +441,10 @@ def test_decode_cuda_production_blocks(R, dtype, deterministic):
     got = run_op(values.to(dtype), indices, W_dec, b_dec, layout, upstream,
                  deterministic=deterministic)
     ref_ins = [leaf(t, F64) for t in (values.to(dtype), W_dec, b_dec)]
-    ref = decode_mod.sparse_decode_torch(ref_ins[0], indices, ref_ins[1], ref_ins[2], layout)
+    ref = decode_cpu(ref_ins[0], indices, ref_ins[1], ref_ins[2], layout)
     check(got, (ref, torch.autograd.grad(ref, ref_ins, upstream.to(F64))))
     if deterministic:
         again = run_op(values.to(dtype), indices, W_dec, b_dec, layout, upstream)
         assert all(torch.equal(a, b) for a, b in zip(got[1], again[1], strict=True))
 
 
-def _compile_jobs() -> list[CompileJob]:
-    """Every kernel at the launchers' GPU block sizes (and BLOCK_D 64 where that is the cap for
-    d_out <= 64), fp32 and bf16 tables, int32 and int64 indices, for sm_80 and sm_90."""
-    ints = {"N": "i32", "K": "i32", "d_out": "i32", "n_layers": "i32", "reach": "i32"}
-    jobs = []
-    for arch in (80, 90):
-        for w, idx in (("*fp32", "*i32"), ("*bf16", "*i64")):
-            rows, bd = decode_mod.GPU_BLOCKS["fwd"]
-            for block_d in sorted({64, bd}):
-                jobs.append(CompileJob(
-                    decode_mod._decode_fwd_kernel,
-                    {"values_ptr": w, "indices_ptr": idx, "W_ptr": w, "b_ptr": w,
-                     "row_off_ptr": "*i64", "out_ptr": w, **ints},
-                    {"HAS_BIAS": True, "BLOCK_N": rows, "BLOCK_D": block_d}, arch))
-            rows, bd = decode_mod.GPU_BLOCKS["bwd"]
-            for atomic in (True, False):
-                jobs.append(CompileJob(
-                    decode_mod._decode_bwd_kernel,
-                    {"values_ptr": w, "indices_ptr": idx, "W_ptr": w, "grad_out_ptr": w,
-                     "row_off_ptr": "*i64", "grad_values_ptr": w, "grad_W_ptr": "*fp32",
-                     **ints},
-                    {"ATOMIC_GRAD_W": atomic, "BLOCK_M": rows, "BLOCK_D": bd}, arch))
-            rows, bd = decode_mod.GPU_BLOCKS["grad_w"]
-            for block_d, accumulate in [(b, False) for b in sorted({64, bd})] + [(bd, True)]:
-                jobs.append(CompileJob(
-                    decode_mod._decode_bwd_grad_w_kernel,
-                    {"values_ptr": w, "grad_out_ptr": w, "row_off_ptr": "*i64",
-                     "perm_ptr": "*i64", "seg_ptr": "*i64", "grad_W_ptr": w,
-                     "N": "i32", "K": "i32", "F": "i32", "d_out": "i32", "n_layers": "i32",
-                     "reach": "i32"},
-                    {"ACCUMULATE": accumulate, "BLOCK_E": rows, "BLOCK_D": block_d}, arch))
-    return jobs
-
-
-def test_kernels_compile_for_sm80_sm90_without_spills():
-    jobs = _compile_jobs()
-    usages = compile_for_gpu(jobs)
-    report = [
-        f"{u.name} {j.signature['values_ptr']} {j.constexprs}: {u.registers} regs, "
-        f"stack {u.stack_bytes}, spill {u.spill_bytes}"
-        for j, u in zip(jobs, usages, strict=True)
-    ]
-    print("\n".join(report))
-    assert all(u.spill_bytes == 0 and u.stack_bytes == 0 for u in usages), "\n".join(report)
