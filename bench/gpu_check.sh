@@ -62,8 +62,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...
     "$(grep -E 'passed|failed|error|skipped|no tests ran' "$RUN/$name.log" | tail -n 1)"
 }
 
-KERNEL_TESTS=(tests/test_ops.py tests/test_decode_triton.py tests/test_encode_triton.py
-  tests/test_decode_many.py tests/test_encode_aux.py tests/test_molt.py)
+KERNEL_TESTS=(tests/ops tests/test_molt.py)
 
 stage 2-interp-tests 110 env TRITON_INTERPRET=1 "${PYTEST[@]}" -m "not gpu and not slow" \
   "${KERNEL_TESTS[@]}" tests/test_compile_check.py tests/test_model.py tests/test_losses.py \

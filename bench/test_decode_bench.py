@@ -4,7 +4,7 @@
 
 Modes ``fwd``, ``bwd`` (backward of a forward done outside the timer) and ``fwd+bwd``, each for
 ``dense`` (one GEMM per source over all F features of a ``[L, N, F]`` activation, what earlier
-trainers do), ``torch`` (:func:`sparse_decode_torch`, the CPU path), and on CUDA
+trainers do), ``torch`` (the CPU path of :mod:`kernels.cpu.decode`), and on CUDA
 ``triton`` (deterministic decoder gradient, the default) and ``triton-atomic``. Shapes: a
 GPT-2-small CLT on GPU (L=12, d_out=768, F=8192, k=16, N=4096), on CPU L=6, d_out=256,
 F=2048, k=16, N=512 (the file then takes ~40 s). The Triton
@@ -25,7 +25,7 @@ import torch
 from _bench import CUDA, DEVICE, run_info, sync
 
 from kernels import DecoderLayout, sparse_decode
-from kernels.decode import sparse_decode_torch
+from kernels.decode import SparseDecodeFunction
 
 if CUDA:
     L, N, D_OUT, F, K = 12, 4096, 768, 8192, 16
@@ -90,7 +90,9 @@ def forward_fn(p: SimpleNamespace, impl: str):
     if impl == "dense":
         return lambda: dense_decode(p.acts, p.W_dec, p.b_dec)
     if impl == "torch":
-        return lambda: sparse_decode_torch(p.values, p.indices, p.W_dec, p.b_dec, LAYOUT)
+        # the CPU path (kernels.cpu.decode) through the op's autograd Function, kernels off
+        return lambda: SparseDecodeFunction.apply(p.W_dec, LAYOUT, True, False, True, p.values,
+                                                  p.indices, p.b_dec)[0]
     det = impl == "triton"
     return lambda: sparse_decode(p.values, p.indices, p.W_dec, p.b_dec, LAYOUT, deterministic=det)
 

@@ -33,6 +33,7 @@ from _bench import CUDA, DEVICE, run_info, sync
 from kernels import encode_topk, relu_codes
 
 btk, jr = (importlib.import_module(f"kernels.{m}") for m in ("batchtopk", "jumprelu"))
+cpu_btk = importlib.import_module("kernels.cpu.batchtopk")
 
 if CUDA:
     L, N, D_IN, F, K = 12, 8192, 768, 16384, 16
@@ -255,13 +256,13 @@ def test_encode_nonlinearity(benchmark, p, floor, monkeypatch, nl, phase, impl):
 @pytest.mark.parametrize("impl", ["dense", "torch", "triton"])
 def test_batchtopk_select(benchmark, p, impl):
     """Per-layer exact selection of N*k winners; ``dense`` is ``torch.topk`` on each flattened
-    layer (values only, no tie rule), ``torch`` the op's torch path."""
+    layer (values only, no tie rule), ``torch`` the op's CPU path."""
     _skip_triton(impl)
     pre = p.pre.detach()
     m = N * K
     fns = {
         "dense": lambda: torch.topk(pre.view(L, -1), m, dim=1, sorted=False),
-        "torch": lambda: btk._torch_topk_mask(pre.view(L, -1), m),
+        "torch": lambda: cpu_btk.topk_mask(pre.view(L, -1), m),
         "triton": lambda: btk.select_mask(pre.view(L, -1), m),
     }
     _record(benchmark, "batchtopk-select", impl, fns[impl], work=pre.numel() * pre.element_size(),

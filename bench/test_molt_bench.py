@@ -25,7 +25,7 @@ import torch
 from _bench import CUDA, DEVICE, run_info, sync
 
 from kernels import molt_apply
-from kernels.molt import molt_fwd_torch
+from kernels.molt import molt_apply_torch
 
 if CUDA:
     L, N, D, K = 1, 4096, 768, 16
@@ -113,7 +113,7 @@ def test_impls_agree(problem):
             grads[1] = grads[1].gather(-1, p.indices.long())
         results[impl] = [out.detach(), *grads]
     with torch.no_grad():
-        spec = molt_fwd_torch(p.x, p.values, p.indices, p.Us, p.Vs)
+        spec = molt_apply_torch(p.x, p.values, p.indices, p.Us, p.Vs)
     torch.testing.assert_close(spec, results["dense"][0], rtol=1e-4, atol=1e-4)
     for impl in impls[1:]:
         for i, (a, b) in enumerate(zip(results[impl], results["dense"], strict=True)):

@@ -250,3 +250,14 @@ def decode_cpu(values, indices, W_dec, b_dec, layout):
     from kernels.decode import SparseDecodeFunction
 
     return SparseDecodeFunction.apply(W_dec, layout, True, False, True, values, indices, b_dec)[0]
+
+
+def run_on_path(path: str, monkeypatch) -> None:
+    """Select ``"torch"`` (the specification), ``"cpu"`` (the CPU fast path) or ``"triton"``
+    (the kernels, through the interpreter on CPU) for the rest of a test (tests/ops/conftest.py
+    turns the fast paths back on after it)."""
+    import kernels
+
+    if path != "triton":
+        monkeypatch.setenv("CLT_FORCE_TORCH", "1")
+    kernels.cpu_fast_paths(path == "cpu")

@@ -20,6 +20,7 @@ from _testing import (
     grads,
     leaf,
     ref_codes,
+    run_on_path,
 )
 
 from kernels import (
@@ -31,7 +32,8 @@ from kernels import (
 # the package re-exports functions named like their modules: fetch the modules themselves
 tk, jr, btk, decode_mod = (importlib.import_module(f"kernels.{m}")
                            for m in ("topk", "jumprelu", "batchtopk", "decode"))
-cpu_topk, cpu_decode = (importlib.import_module(f"kernels.cpu.{m}") for m in ("topk", "decode"))
+cpu_topk, cpu_decode, cpu_btk = (importlib.import_module(f"kernels.cpu.{m}")
+                                  for m in ("topk", "decode", "batchtopk"))
 
 
 # from test_ops.py
@@ -285,3 +287,40 @@ def test_batchtopk_matches_dense_sort_on_random_cases(monkeypatch, chunk):
     assert {scope for _, scope in seen} == {None, "layer", "global"}
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# the torch specification, and the tie rule on every path
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["randn", "ties", "negative"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_batchtopk_specification(scope, kind, spec_path, monkeypatch):
+    """``topk_mask_torch`` (the stable sort that defines the set) passes the fp64 test."""
+    spy = Spy(monkeypatch, cpu_btk, "topk_mask")
+    for shape in [(3, 4, 10, 2), (2, 5, 7, 3), (1, 3, 6, 1), (3, 2, 4, 4)]:
+        test_batchtopk(*shape, scope, kind, F64)
+    assert spy.calls == 0
+
+
+@pytest.mark.parametrize("path", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_batchtopk_ties_go_to_the_lower_flat_index_on_every_path(scope, path, monkeypatch):
+    """The documented rule: values equal to the cut are kept in increasing flat index order
+    (row-major over a layer's ``[N, F]``, or over ``[L, N, F]`` for scope global), on the
+    specification, the CPU path and the kernel; a few values only, so every cut is a tie, and
+    an all-equal layer."""
+    run_on_path(path, monkeypatch)
+    L, N, F, k = 3, 5, 7, 2
+    pre = torch.randint(0, 3, (L, N, F)).float()
+    pre[2] = 1.0
+    pre[0, 0, 0], pre[0, 0, 1] = -0.0, 0.0  # -0.0 ties with +0.0
+    got = batchtopk_mask(pre, k, scope)
+    segments = pre.reshape(L if scope == "layer" else 1, -1).tolist()
+    m = N * k if scope == "layer" else L * N * k
+    want = torch.zeros(len(segments), L * N * F // len(segments), dtype=torch.bool)
+    for s, seg in enumerate(segments):
+        keep = sorted(range(len(seg)), key=lambda i, r=seg: (-r[i], i))[:m]
+        want[s, keep] = True
+    assert torch.equal(got, want.view(L, N, F)), path

@@ -14,6 +14,7 @@ from _testing import (
     BF16,
     F32,
     F64,
+    Spy,
     assert_close,
     decode_cpu,
     dtypes,
@@ -448,3 +449,13 @@ def test_decode_cuda_production_blocks(R, dtype, deterministic):
         assert all(torch.equal(a, b) for a, b in zip(got[1], again[1], strict=True))
 
 
+
+
+@pytest.mark.parametrize("L, N, F, K, R, d_out", DECODE_SHAPES)
+def test_sparse_decode_specification(L, N, F, K, R, d_out, spec_path, monkeypatch):
+    """``sparse_decode_torch`` (what runs with ``kernels.cpu_fast_paths(False)``) passes the fp64
+    test of the op, bias or not, without touching the CPU path."""
+    spy = Spy(monkeypatch, cpu_decode, "decode_fwd")
+    for bias in (True, False):
+        test_sparse_decode(L, N, F, K, R, d_out, bias, F64)
+    assert spy.calls == 0

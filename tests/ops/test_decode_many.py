@@ -254,3 +254,10 @@ def test_zero_slot_grad_off_skips_only_zero_slots(monkeypatch):
         assert_close(g, torch.where(v != 0, f, torch.zeros_like(f)), name="grad values")
     for g, f in zip(got[1][2:], full[1][2:], strict=True):
         assert_close(g, f, name="grad W_dec / b_dec")
+
+
+@pytest.mark.parametrize("L, N, F, K, R, d_out", SHAPES)
+def test_specification_matches_separate_decodes(L, N, F, K, R, d_out, spec_path):
+    """With the CPU fast paths off every decode of the set runs the specification."""
+    for used in [(True, True), (True, False), (False, True)]:
+        test_torch_path_matches_separate_decodes(L, N, F, K, R, d_out, used)

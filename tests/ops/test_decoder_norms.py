@@ -8,6 +8,7 @@ import importlib
 import pytest
 import torch
 from _testing import (
+    BF16,
     F32,
     F64,
     assert_close,
@@ -26,6 +27,7 @@ from kernels import (
 tk, jr, btk, decode_mod = (importlib.import_module(f"kernels.{m}")
                            for m in ("topk", "jumprelu", "batchtopk", "decode"))
 cpu_topk, cpu_decode = (importlib.import_module(f"kernels.cpu.{m}") for m in ("topk", "decode"))
+dn = importlib.import_module("kernels.decoder_norms")
 
 
 # from test_ops.py
@@ -74,3 +76,11 @@ def test_decoder_norms_gradcheck():
     assert torch.autograd.gradcheck(lambda w: decoder_norms(w, layout), (W,))
 
 
+
+
+@dtypes(F64, F32, BF16)
+def test_decoder_norms_specification(dtype):
+    """The op (its Function's one-pass row norms) equals the specification per source."""
+    layout = DecoderLayout(4, 6, 2)
+    W_dec = torch.randn(layout.n_rows, 9).to(dtype)
+    assert_close(decoder_norms(W_dec, layout), dn.decoder_norms_torch(W_dec, layout))

@@ -51,3 +51,8 @@ def test_encode_at_matches_dense_autograd(dtype, force_torch, monkeypatch):
         encode_at(x, W, b, pre[:, :2], indices)
 
 
+
+
+def test_encode_at_specification(spec_path, monkeypatch):
+    """``encode_at_torch`` (dense autograd of the recomputed pre-activations) passes the test."""
+    test_encode_at_matches_dense_autograd(F64, True, monkeypatch)

@@ -358,3 +358,15 @@ def test_jumprelu_float64_takes_the_torch_path(monkeypatch):
     assert spy.calls == 1
 
 
+
+
+def test_jumprelu_specification(spec_path, monkeypatch):
+    """``jumprelu_torch`` (the STE as a zero-valued term under plain autograd) passes the fp64
+    tests of ``jumprelu``, ``jumprelu_step`` and ``jumprelu_codes``, without the CPU path's
+    Function."""
+    spy = Spy(monkeypatch, jr.JumpReLUFunction, "apply")
+    for dtypes_ in [(F64, F64), (F64, F32)]:
+        test_jumprelu_forward_and_grads(*dtypes_)
+        test_jumprelu_step(*dtypes_)
+        test_jumprelu_codes_decode_matches_dense(3, 8, 16, 2, 7, *dtypes_)
+    assert spy.calls == 0

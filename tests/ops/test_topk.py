@@ -24,6 +24,7 @@ from _testing import (
     make_decoder,
     make_encoder,
     ref_pre,
+    run_on_path,
 )
 
 from kernels import (
@@ -501,3 +502,56 @@ def test_rejects_bad_aux():
         encode_topk(x, W, b, 3, aux=(cols, spare, cols.shape[1] + 1))
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# the torch specification, and the one tie rule on every path
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ranked", [False, True], ids=["plain", "rank_scale"])
+@pytest.mark.parametrize("L, N, d_in, F, k", ENCODE_SHAPES)
+def test_encode_topk_specification(L, N, d_in, F, k, ranked, spec_path, monkeypatch):
+    """``encode_topk_torch`` (what runs with ``kernels.cpu_fast_paths(False)``) passes the fp64
+    test of the op, AuxK included, without touching the CPU path."""
+    spy = Spy(monkeypatch, cpu_topk, "encode_fwd")
+    test_encode_topk(L, N, d_in, F, k, ranked, F64)
+    test_matches_two_separate_ops("torch", F64)
+    assert spy.calls == 0
+
+
+def ref_tie_order(score: torch.Tensor, k: int) -> list[list[int]]:
+    """Per row the k best features by (score desc, index asc), by Python's sort."""
+    return [sorted(range(len(row)), key=lambda f, r=row: (-r[f], f))[:k]
+            for row in score.tolist()]
+
+
+def tie_rows(case: str, F: int) -> torch.Tensor:
+    """``[3, F]`` scores with exact ties: across the interpreter's 16-wide feature blocks and at
+    the cut, all equal, and -0.0 against +0.0."""
+    if case == "all-equal":
+        return torch.full((3, F), 0.5)
+    rows = torch.randint(-3, 3, (3, F)).float()  # ~F/6 copies of every value
+    rows[0, [5, 20, 33]] = 7.0  # one tie group, one entry per block
+    rows[1, 1], rows[1, 3] = -0.0, 0.0  # equal scores: the lower index ranks first
+    rows[1, rows[1] > 0] = -1.0
+    return rows
+
+
+@pytest.mark.parametrize("path", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("case, k", [("blocks", 2), ("blocks", 9), ("blocks", 37),
+                                     ("all-equal", 1), ("all-equal", 5), ("all-equal", 37)],
+                         ids=["blocks-k2", "blocks-k9", "blocks-kF", "equal-k1", "equal-k5",
+                              "equal-kF"])
+def test_encode_topk_ties_go_to_the_lower_index_on_every_path(case, k, path, monkeypatch):
+    """The tie rule of ``encode_topk`` (lower feature index first, in the kept set and in the
+    slot order) on the specification, the CPU path and the kernel, with ties spread over the
+    interpreter's 16-wide feature blocks, at the cut (k = 2, 9), all-equal rows and k = F.
+    ``x = 0``, so the scores are exactly the bias."""
+    F = 37
+    run_on_path(path, monkeypatch)
+    b = tie_rows(case, F)  # [L = 3, F]: one case row per layer, one token
+    values, indices = encode_topk(torch.zeros(3, 1, 4), torch.zeros(3, 4, F), b, k)
+    want = ref_tie_order(b, k)
+    assert indices[:, 0].tolist() == want, path
+    assert torch.equal(values[:, 0], b.gather(1, torch.tensor(want)))
