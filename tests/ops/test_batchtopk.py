@@ -191,7 +191,7 @@ SELECT_KINDS = ("normal", "ties", "equal", "negative", "zeros", "wide", "bf16gri
 
 
 # from test_encode_triton.py
-N_SELECT_CASES, SELECT_CHUNK = 1000, 250
+N_SELECT_CASES, SELECT_CHUNK = 250, 250
 
 
 # from test_encode_triton.py
