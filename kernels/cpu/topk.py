@@ -18,19 +18,18 @@ from .. import buffers
 def topk_rows(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, indices)`` of the ``k`` largest entries of each row of ``score [..., F]``,
     ordered by decreasing value and, among equal values, increasing index: the kernels' tie rule
-    (the lower feature index wins), which ``torch.topk`` does not promise. ``torch.topk`` picks
-    the set; rows where an unpicked entry equals the k-th value (a tie across the cut) are redone
-    by a stable sort, and the ``k`` picked slots are reordered by (value desc, index asc), which
-    costs two sorts of ``[..., k]`` and one compare over ``score`` instead of a full sort."""
-    values, indices = torch.topk(score, k, dim=-1)
-    crossing = (score >= values[..., -1:]).sum(-1, dtype=torch.int32) > k  # [...]
-    if bool(crossing.any()):
-        rows = crossing.nonzero(as_tuple=True)
-        redo = torch.sort(score[rows], dim=-1, descending=True, stable=True)
-        values[rows], indices[rows] = redo.values[..., :k], redo.indices[..., :k]
-    indices, order = torch.sort(indices, dim=-1)
-    values, order2 = torch.sort(values.gather(-1, order), dim=-1, descending=True, stable=True)
-    return values, indices.gather(-1, order2)
+    (the lower feature index wins), which ``torch.topk`` does not promise. ``torch.topk`` of
+    ``k + 1`` does the work: its answer can only break the rule in a row where two neighbours of
+    the sorted top ``k + 1`` are equal (a tie inside the kept set, or across the cut: both rare
+    with real-valued scores), and those rows are redone by a stable sort. One host sync."""
+    values, indices = torch.topk(score, min(k + 1, score.shape[-1]), dim=-1)
+    redo = (values[..., 1:] == values[..., :-1]).any(-1)  # [...]
+    if bool(redo.any()):
+        rows = redo.nonzero(as_tuple=True)
+        fixed = torch.sort(score[rows], dim=-1, descending=True, stable=True)
+        values[rows] = fixed.values[..., : values.shape[-1]]
+        indices[rows] = fixed.indices[..., : values.shape[-1]]
+    return values[..., :k], indices[..., :k]
 
 
 def encode_fwd(

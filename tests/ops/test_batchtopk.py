@@ -30,13 +30,10 @@ from kernels import (
 )
 
 # the package re-exports functions named like their modules: fetch the modules themselves
-tk, jr, btk, decode_mod = (importlib.import_module(f"kernels.{m}")
-                           for m in ("topk", "jumprelu", "batchtopk", "decode"))
-cpu_topk, cpu_decode, cpu_btk = (importlib.import_module(f"kernels.cpu.{m}")
-                                  for m in ("topk", "decode", "batchtopk"))
+btk = importlib.import_module("kernels.batchtopk")
+cpu_btk = importlib.import_module("kernels.cpu.batchtopk")
 
 
-# from test_ops.py
 def ref_topk_mask(flat: torch.Tensor, m: int) -> torch.Tensor:
     """The ``m`` first entries of a full stable descending sort: ties go to the lower index."""
     order = torch.sort(flat, descending=True, stable=True).indices
@@ -45,7 +42,6 @@ def ref_topk_mask(flat: torch.Tensor, m: int) -> torch.Tensor:
     return mask
 
 
-# from test_ops.py
 def make_pre(kind: str, shape) -> torch.Tensor:
     if kind == "ties":  # few distinct values: ties at the cut are the rule, not the exception
         return torch.randint(-3, 4, shape).to(F64)
@@ -54,7 +50,6 @@ def make_pre(kind: str, shape) -> torch.Tensor:
     return torch.randn(shape, dtype=F64)
 
 
-# from test_ops.py
 def ref_batchtopk_mask(pre: torch.Tensor, k: int, scope: str) -> torch.Tensor:
     L, N, F = pre.shape
     if scope == "global":
@@ -62,7 +57,6 @@ def ref_batchtopk_mask(pre: torch.Tensor, k: int, scope: str) -> torch.Tensor:
     return torch.stack([ref_topk_mask(pre[li].flatten(), N * k).view(N, F) for li in range(L)])
 
 
-# from test_ops.py
 @dtypes(F64, F32)
 @pytest.mark.parametrize("kind", ["randn", "ties", "negative"])
 @pytest.mark.parametrize("scope", ["layer", "global"])
@@ -98,14 +92,12 @@ def test_batchtopk(L, N, F, k, scope, kind, dtype):
     assert not got[~(mask & (pre64 > 0))].any(), "gradient leaked outside kept positive entries"
 
 
-# from test_ops.py
 def test_exact_topk_mask_ties_go_to_lower_index():
     flat = torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.0])
     assert exact_topk_mask(flat, 3).tolist() == [False, True, True, True, False, False, False]
     assert torch.equal(exact_topk_mask(flat, 7), torch.ones(7, dtype=torch.bool))
 
 
-# from test_ops.py
 def test_batchtopk_rejects_bad_input():
     pre = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match="scope"):
@@ -118,7 +110,6 @@ def test_batchtopk_rejects_bad_input():
         batchtopk(torch.randn(2, 3, 4), 5, "layer")  # more winners than entries
 
 
-# from test_encode_triton.py
 def ref_select(x: torch.Tensor, m: int) -> torch.Tensor:
     """Dense stable sort: the m largest, ties to the lower index."""
     order = torch.sort(-x.to(F64), stable=True).indices[:m]
@@ -127,7 +118,6 @@ def ref_select(x: torch.Tensor, m: int) -> torch.Tensor:
     return mask
 
 
-# from test_encode_triton.py
 def make_values(kind: str, shape) -> torch.Tensor:
     if kind == "ties":  # few distinct values, ties straddle block boundaries
         return torch.randint(-3, 4, shape).float()
@@ -141,7 +131,6 @@ def make_values(kind: str, shape) -> torch.Tensor:
     return torch.randn(shape)
 
 
-# from test_encode_triton.py
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", ["randn", "ties", "neg0", "wide"])
 @pytest.mark.parametrize(
@@ -155,7 +144,6 @@ def test_exact_topk_mask_triton(monkeypatch, M, m, kind, dtype):
     assert torch.equal(got, ref_select(x, m))
 
 
-# from test_encode_triton.py
 @pytest.mark.parametrize("scope", ["layer", "global"])
 @pytest.mark.parametrize("kind", ["randn", "ties"])
 def test_batchtopk_mask_triton(monkeypatch, scope, kind):
@@ -171,7 +159,6 @@ def test_batchtopk_mask_triton(monkeypatch, scope, kind):
     assert torch.equal(got, want.view(L, N, F))
 
 
-# from test_encode_triton.py
 def test_select_mask_overwrites_poisoned_output(poison):
     x = torch.randn(2, 300)
     mask = btk.select_mask(x, 17, out=poison((2, 300), torch.int8))
@@ -179,22 +166,18 @@ def test_select_mask_overwrites_poisoned_output(poison):
     assert torch.equal(mask, torch.stack([ref_select(r, 17) for r in x]))
 
 
-# from test_encode_triton.py
 def test_batchtopk_float64_takes_the_torch_path(monkeypatch):
     spy = Spy(monkeypatch, btk, "select_mask")
     batchtopk_mask(torch.randn(2, 3, 4, dtype=F64), 1, "layer")
     assert spy.calls == 0
 
 
-# from test_encode_triton.py
 SELECT_KINDS = ("normal", "ties", "equal", "negative", "zeros", "wide", "bf16grid", "mixture")
 
 
-# from test_encode_triton.py
 N_SELECT_CASES, SELECT_CHUNK = 250, 250
 
 
-# from test_encode_triton.py
 def random_values(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
     """``n`` fp32 values (no NaN) of one distribution."""
 
@@ -226,7 +209,6 @@ def random_values(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
     return parts.gather(0, pick[None])[0]
 
 
-# from test_encode_triton.py
 def random_case(seed: int) -> dict:
     """One selection problem: a flat ``exact_topk_mask`` or a small ``[L, N, F]`` BatchTopK."""
     gen = torch.Generator().manual_seed(seed)
@@ -252,7 +234,6 @@ def random_case(seed: int) -> dict:
     return dict(seed=seed, kind=kind, dtype=dtype, x=x, m=m, scope=scope)
 
 
-# from test_encode_triton.py
 def ref_case_mask(case: dict) -> torch.Tensor:
     x, m, scope = case["x"], case["m"], case["scope"]
     if scope is None:
@@ -264,7 +245,6 @@ def ref_case_mask(case: dict) -> torch.Tensor:
     return ref_select(x.flatten(), L * N * m).view(L, N, F)
 
 
-# from test_encode_triton.py
 @pytest.mark.parametrize("chunk", range(N_SELECT_CASES // SELECT_CHUNK))
 def test_batchtopk_matches_dense_sort_on_random_cases(monkeypatch, chunk):
     spy = Spy(monkeypatch, btk, "select_mask")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 
 import pytest
@@ -27,19 +26,7 @@ from kernels import (
     relu_codes,
 )
 
-# the package re-exports functions named like their modules: fetch the modules themselves
-tk, jr, btk, decode_mod = (importlib.import_module(f"kernels.{m}")
-                           for m in ("topk", "jumprelu", "batchtopk", "decode"))
-cpu_topk, cpu_decode = (importlib.import_module(f"kernels.cpu.{m}") for m in ("topk", "decode"))
 
-
-
-
-
-
-
-
-# from test_ops.py
 @dtypes(F64, F32)
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0], ids=["empty", "d0.3", "full"])
 def test_mask_to_codes(density, dtype):
@@ -65,7 +52,6 @@ def test_mask_to_codes(density, dtype):
     assert_close(got, dense_upstream(upstream, want_indices, counts, F), name="grad src")
 
 
-# from test_ops.py
 def test_mask_to_codes_empty_and_bad_shapes():
     values, indices = mask_to_codes(torch.randn(2, 3, 4), torch.zeros(2, 3, 4, dtype=torch.bool))
     assert values.shape == indices.shape == (2, 3, 1)
@@ -74,7 +60,6 @@ def test_mask_to_codes_empty_and_bad_shapes():
         mask_to_codes(torch.randn(2, 3, 4), torch.zeros(2, 3, 5, dtype=torch.bool))
 
 
-# from test_ops.py
 @dtypes(F64, F32)
 def test_relu_codes(dtype):
     L, N, F = 3, 6, 11
@@ -92,7 +77,6 @@ def test_relu_codes(dtype):
     assert_close(got, want, name="grad pre")
 
 
-# from test_ops.py
 def test_assert_close_reports_mismatches(poison):
     expected = torch.arange(6, dtype=F32).view(2, 3)
     actual = poison((2, 3))  # an op that wrote nothing

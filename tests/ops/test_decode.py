@@ -32,12 +32,10 @@ from kernels import (
 )
 
 # the package re-exports functions named like their modules: fetch the modules themselves
-tk, jr, btk, decode_mod = (importlib.import_module(f"kernels.{m}")
-                           for m in ("topk", "jumprelu", "batchtopk", "decode"))
-cpu_topk, cpu_decode = (importlib.import_module(f"kernels.cpu.{m}") for m in ("topk", "decode"))
+decode_mod = importlib.import_module("kernels.decode")
+cpu_decode = importlib.import_module("kernels.cpu.decode")
 
 
-# from test_ops.py
 def test_layout_offsets_and_sources():
     layout = DecoderLayout(n_layers=4, n_features=3, reach=2)
     assert [layout.reach_of(s) for s in range(4)] == [2, 2, 2, 1]
@@ -52,7 +50,6 @@ def test_layout_offsets_and_sources():
             assert list(layout.sources_of(t)) == brute
 
 
-# from test_ops.py
 def test_layout_source_view_is_a_view():
     L, F, R, d_out = 4, 3, 3, 5
     layout = DecoderLayout(L, F, R)
@@ -70,7 +67,6 @@ def test_layout_source_view_is_a_view():
     assert W[ref_first_row(L, F, R, 2) + 1 * 2 + 0, 3] == 123.0
 
 
-# from test_ops.py
 @pytest.mark.parametrize("L, F, R", [(3, 4, 0), (3, 4, 4), (3, 4, -1), (0, 4, 1), (3, 0, 1)])
 def test_layout_rejects_invalid(L, F, R):
     with pytest.raises(ValueError):
@@ -83,7 +79,6 @@ def test_layout_rejects_invalid(L, F, R):
 
 
 
-# from test_ops.py
 DECODE_SHAPES = [
     pytest.param(L, N, F, K, R, d, id=f"L{L}-N{N}-F{F}-K{K}-R{R}-d{d}")
     for L, N, F, K, R, d in [
@@ -98,7 +93,6 @@ DECODE_SHAPES = [
 ]
 
 
-# from test_ops.py
 @dtypes(F64, F32)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("L, N, F, K, R, d_out", DECODE_SHAPES)
@@ -122,7 +116,6 @@ def test_sparse_decode(L, N, F, K, R, d_out, bias, dtype):
         assert_close(g, w, name=f"grad {name}")
 
 
-# from test_ops.py
 @pytest.mark.parametrize("ratio", [0, 10**9], ids=["gather", "gemm"])
 @dtypes(F64, F32)
 @pytest.mark.parametrize("L, N, F, K, R, d_out", DECODE_SHAPES)
@@ -145,7 +138,6 @@ def test_sparse_decode_torch_paths(L, N, F, K, R, d_out, dtype, ratio, monkeypat
         assert_close(g, w, name=f"grad {name}")
 
 
-# from test_ops.py
 def test_sparse_decode_torch_mixes_paths_per_source(monkeypatch):
     """One source with few distinct features (dense GEMMs), the others with many (gathers)."""
     monkeypatch.setattr(cpu_decode, "DENSE_RATIO", 1)
@@ -164,7 +156,6 @@ def test_sparse_decode_torch_mixes_paths_per_source(monkeypatch):
         assert_close(g, w, name=f"grad {name}")
 
 
-# from test_ops.py
 @pytest.mark.parametrize("L, N, F, K, R, d_out", DECODE_SHAPES[:4])
 def test_sparse_decode_bf16_forward(L, N, F, K, R, d_out):
     layout = DecoderLayout(L, F, R)
@@ -176,7 +167,6 @@ def test_sparse_decode_bf16_forward(L, N, F, K, R, d_out):
     assert_close(out, ref_decode(values, indices, W_dec, b_dec, L, F, R), name="out bf16")
 
 
-# from test_ops.py
 def test_sparse_decode_int64_indices_match_int32():
     layout = DecoderLayout(3, 8, 2)
     values, indices = make_codes(3, 4, 8, 3, F64)
@@ -186,7 +176,6 @@ def test_sparse_decode_int64_indices_match_int32():
     assert torch.equal(a, b)
 
 
-# from test_ops.py
 def test_sparse_decode_gradcheck():
     L, N, F, K, R, d_out = 3, 3, 5, 2, 2, 3
     layout = DecoderLayout(L, F, R)
@@ -198,7 +187,6 @@ def test_sparse_decode_gradcheck():
     )
 
 
-# from test_ops.py
 def test_sparse_decode_rejects_bad_shapes():
     L, N, F, K, d_out = 3, 4, 6, 2, 5
     layout = DecoderLayout(L, F, 2)
@@ -218,7 +206,6 @@ def test_sparse_decode_rejects_bad_shapes():
     raises(values, indices, W_dec, b_dec[:, :1], shape=(L, 1))  # bias would broadcast
 
 
-# from test_decode_triton.py
 def make_problem(L, N, F, K, R, d_out, dtype=F32, w_dtype=None, index_dtype=torch.int32):
     """Codes with an all-padding row, padding mid-row and repeated indices, and a decoder."""
     layout = DecoderLayout(L, F, R)
@@ -234,14 +221,12 @@ def make_problem(L, N, F, K, R, d_out, dtype=F32, w_dtype=None, index_dtype=torc
     return layout, values.to(dtype), indices.to(index_dtype), W_dec.to(w_dtype), b_dec.to(w_dtype)
 
 
-# from test_decode_triton.py
 def run_op(values, indices, W_dec, b_dec, layout, upstream, **kw):
     ins = [leaf(values), leaf(W_dec)] + ([] if b_dec is None else [leaf(b_dec)])
     out = sparse_decode(ins[0], indices, ins[1], None if b_dec is None else ins[2], layout, **kw)
     return out, torch.autograd.grad(out, ins, upstream.to(out.dtype))
 
 
-# from test_decode_triton.py
 def run_ref(values, indices, W_dec, b_dec, layout, upstream):
     ins = [leaf(values, F64), leaf(W_dec, F64)] + ([] if b_dec is None else [leaf(b_dec, F64)])
     b = None if b_dec is None else ins[2]
@@ -250,7 +235,6 @@ def run_ref(values, indices, W_dec, b_dec, layout, upstream):
     return out, torch.autograd.grad(out, ins, upstream.to(F64))
 
 
-# from test_decode_triton.py
 def check(got, want, tol=None):
     (out, grads), (ref_out, ref_grads) = got, want
     kw = {} if tol is None else dict(atol=tol[0], rtol=tol[1])
@@ -260,7 +244,6 @@ def check(got, want, tol=None):
         assert_close(g, w, name=f"grad {name}", **kw)
 
 
-# from test_decode_triton.py
 @pytest.fixture(autouse=True)
 def poisoned_empty(monkeypatch):
     """Every ``torch.empty`` / ``empty_like`` of a test here is NaN (or -1): an element a kernel
@@ -274,7 +257,6 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
 
 
-# from test_decode_triton.py
 @pytest.fixture
 def spy(monkeypatch):
     """Counts calls of the Triton launchers, to prove the kernel path really ran."""
@@ -293,7 +275,6 @@ def spy(monkeypatch):
     return calls
 
 
-# from test_decode_triton.py
 SHAPES = [
     pytest.param(L, N, F, K, R, d, id=f"L{L}-N{N}-F{F}-K{K}-R{R}-d{d}")
     for L, N, F, K, R, d in [
@@ -306,11 +287,9 @@ SHAPES = [
 ]
 
 
-# from test_decode_triton.py
 VARIANT = pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
 
 
-# from test_decode_triton.py
 @VARIANT
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("L, N, F, K, R, d_out", SHAPES)
@@ -323,7 +302,6 @@ def test_decode_fp32(L, N, F, K, R, d_out, bias, deterministic, spy):
     check(got, run_ref(values, indices, W_dec, b_dec, layout, upstream))
 
 
-# from test_decode_triton.py
 @VARIANT
 @pytest.mark.parametrize("L, N, F, K, R, d_out", SHAPES[:3])
 def test_decode_bf16_int64(L, N, F, K, R, d_out, deterministic, spy):
@@ -337,7 +315,6 @@ def test_decode_bf16_int64(L, N, F, K, R, d_out, deterministic, spy):
     check(got, run_ref(values, indices, W_dec, b_dec, layout, upstream))
 
 
-# from test_decode_triton.py
 def test_decode_fp32_values_bf16_weights(spy):
     layout, values, indices, W_dec, b_dec = make_problem(3, 6, 8, 3, 2, 33, w_dtype=BF16)
     upstream = torch.randn(3, 6, 33).to(BF16)
@@ -347,7 +324,6 @@ def test_decode_fp32_values_bf16_weights(spy):
     check((out, (g_v.to(BF16), g_w, g_b)), ref)
 
 
-# from test_decode_triton.py
 def test_int32_and_int64_indices_agree_bitwise():
     layout, values, indices, W_dec, b_dec = make_problem(3, 7, 8, 3, 2, 9)
     upstream = torch.randn(3, 7, 9)
@@ -357,7 +333,6 @@ def test_int32_and_int64_indices_agree_bitwise():
         assert torch.equal(x, y)
 
 
-# from test_decode_triton.py
 def test_deterministic_backward_is_bitwise_reproducible():
     # 40 tokens x 4 slots onto 3 features: every segment spans several entry blocks
     layout, values, indices, W_dec, b_dec = make_problem(3, 40, 3, 4, 3, 33)
@@ -370,7 +345,6 @@ def test_deterministic_backward_is_bitwise_reproducible():
     check(atomic, first)
 
 
-# from test_decode_triton.py
 @pytest.mark.parametrize("need", ["values", "W_dec"])
 def test_partial_gradients(need, spy):
     layout, values, indices, W_dec, b_dec = make_problem(3, 5, 8, 3, 2, 7)
@@ -384,7 +358,6 @@ def test_partial_gradients(need, spy):
     assert spy["bwd"] == 1
 
 
-# from test_decode_triton.py
 @pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
 def test_launchers_fill_given_buffers(deterministic, poison):
     """Explicit NaN buffers, several blocks per axis (block overrides): every element written."""
@@ -408,7 +381,6 @@ def test_launchers_fill_given_buffers(deterministic, poison):
     assert_close(g_w, ref_w, name="grad W_dec")
 
 
-# from test_decode_triton.py
 def test_dispatch(monkeypatch, spy):
     layout, values, indices, W_dec, b_dec = make_problem(3, 4, 8, 2, 3, 5)
     upstream = torch.randn(3, 4, 5)
@@ -425,7 +397,6 @@ def test_dispatch(monkeypatch, spy):
     check(triton_path, forced)
 
 
-# from test_decode_triton.py
 @pytest.mark.gpu
 @VARIANT
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])

@@ -24,13 +24,9 @@ from kernels import (
 )
 
 # the package re-exports functions named like their modules: fetch the modules themselves
-tk, jr, btk, decode_mod = (importlib.import_module(f"kernels.{m}")
-                           for m in ("topk", "jumprelu", "batchtopk", "decode"))
-cpu_topk, cpu_decode = (importlib.import_module(f"kernels.cpu.{m}") for m in ("topk", "decode"))
 dn = importlib.import_module("kernels.decoder_norms")
 
 
-# from test_ops.py
 @dtypes(F64, F32)
 @pytest.mark.parametrize(
     "L, F, R, d_out",
@@ -69,7 +65,6 @@ def test_decoder_norms(L, F, R, d_out, dtype):
     assert_close(got, want, name="grad W_dec")  # zero feature: gradient 0, not NaN
 
 
-# from test_ops.py
 def test_decoder_norms_gradcheck():
     layout = DecoderLayout(3, 4, 2)
     W = leaf(torch.randn(layout.n_rows, 3, dtype=F64))

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from _testing import (
@@ -18,13 +16,7 @@ from kernels import (
     encode_at,
 )
 
-# the package re-exports functions named like their modules: fetch the modules themselves
-tk, jr, btk, decode_mod = (importlib.import_module(f"kernels.{m}")
-                           for m in ("topk", "jumprelu", "batchtopk", "decode"))
-cpu_topk, cpu_decode = (importlib.import_module(f"kernels.cpu.{m}") for m in ("topk", "decode"))
 
-
-# from test_encode_aux.py
 @pytest.mark.parametrize("dtype, force_torch", [(F64, True), (F32, True), (F32, False)],
                          ids=["torch-fp64", "torch-fp32", "triton-fp32"])
 def test_encode_at_matches_dense_autograd(dtype, force_torch, monkeypatch):

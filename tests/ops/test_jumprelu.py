@@ -32,17 +32,13 @@ from kernels import (
 )
 
 # the package re-exports functions named like their modules: fetch the modules themselves
-tk, jr, btk, decode_mod = (importlib.import_module(f"kernels.{m}")
-                           for m in ("topk", "jumprelu", "batchtopk", "decode"))
-cpu_topk, cpu_decode = (importlib.import_module(f"kernels.cpu.{m}") for m in ("topk", "decode"))
+jr = importlib.import_module("kernels.jumprelu")
 
 
-# from test_ops.py
 def rect(u: torch.Tensor) -> torch.Tensor:
     return (u.abs() < 0.5).to(u.dtype)
 
 
-# from test_ops.py
 def smoothed_jump(pre: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
     """Smooth-in-theta stand-in for ``pre * H(pre - theta)``; its theta-derivative is the STE.
 
@@ -57,13 +53,11 @@ def smoothed_jump(pre: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.T
     return pre - (torch.clamp(theta.expand_as(pre), lo, hi) ** 2 - lo**2) / (2 * eps)
 
 
-# from test_ops.py
 def smoothed_step(pre: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
     """``clamp((pre - theta) / eps + 1/2, 0, 1)``: its theta-derivative is ``-(1/eps) rect``."""
     return torch.clamp((pre - theta) / eps + 0.5, 0.0, 1.0)
 
 
-# from test_ops.py
 def ref_jumprelu(pre: torch.Tensor, log_theta: torch.Tensor, eps: float) -> torch.Tensor:
     """float64 JumpReLU with the STE in plain autograd: value and pre-gradient from
     ``pre * H(pre - theta)``, threshold gradient from :func:`smoothed_jump`."""
@@ -73,11 +67,9 @@ def ref_jumprelu(pre: torch.Tensor, log_theta: torch.Tensor, eps: float) -> torc
     return pre.to(F64) * (p > theta.detach()) + (a_s - a_s.detach())
 
 
-# from test_ops.py
 EPS = 0.1
 
 
-# from test_ops.py
 def make_jump(L: int, N: int, F: int, pre_dtype, theta_dtype, eps: float = EPS):
     """``log_theta`` and ``pre`` spread around the thresholds, including inside the rectangle
     window on both sides of theta, but never within ``0.02 * eps`` of ``theta`` or of a window
@@ -93,7 +85,6 @@ def make_jump(L: int, N: int, F: int, pre_dtype, theta_dtype, eps: float = EPS):
     return pre, log_theta
 
 
-# from test_ops.py
 JUMP_DTYPES = pytest.mark.parametrize(
     "pre_dtype, theta_dtype",
     [(F64, F64), (F64, F32), (F32, F32)],
@@ -101,7 +92,6 @@ JUMP_DTYPES = pytest.mark.parametrize(
 )
 
 
-# from test_ops.py
 @JUMP_DTYPES
 def test_jumprelu_forward_and_grads(pre_dtype, theta_dtype):
     L, N, F = 3, 8, 16
@@ -126,7 +116,6 @@ def test_jumprelu_forward_and_grads(pre_dtype, theta_dtype):
     assert_close(g_lt, want_lt, name="grad log_theta (smoothed ref)")
 
 
-# from test_ops.py
 def _fd_log_theta(objective, log_theta: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
     """Central finite difference of a scalar objective w.r.t. every log_theta entry."""
     out = torch.zeros_like(log_theta)
@@ -138,7 +127,6 @@ def _fd_log_theta(objective, log_theta: torch.Tensor, h: float = 1e-6) -> torch.
     return out
 
 
-# from test_ops.py
 def test_jumprelu_threshold_grad_is_fd_of_smoothed_objective():
     # The STE is the exact theta-derivative of smoothed_jump (see its docstring), so with
     # upstream weights w the STE gradient must equal the finite difference of
@@ -158,7 +146,6 @@ def test_jumprelu_threshold_grad_is_fd_of_smoothed_objective():
     assert_close(ste, fd, atol=1e-7, rtol=1e-6, name="STE vs FD")
 
 
-# from test_ops.py
 @JUMP_DTYPES
 def test_jumprelu_step(pre_dtype, theta_dtype):
     L, N, F = 3, 8, 16
@@ -176,7 +163,6 @@ def test_jumprelu_step(pre_dtype, theta_dtype):
     assert_close(g_lt, want, name="grad log_theta")
 
 
-# from test_ops.py
 def test_jumprelu_step_threshold_grad_is_fd_of_smoothed_step():
     # d/dtheta clamp((pre - theta)/eps + 1/2, 0, 1) = -(1/eps) rect((pre - theta)/eps): exactly
     # the L0 STE, so FD of the smoothed sum (piecewise linear in theta) must match it
@@ -192,7 +178,6 @@ def test_jumprelu_step_threshold_grad_is_fd_of_smoothed_step():
     assert_close(ste, fd, atol=1e-7, rtol=1e-6, name="STE vs FD")
 
 
-# from test_ops.py
 def test_jumprelu_rejects_bad_arguments():
     pre, log_theta = torch.randn(2, 3, 4), torch.zeros(2, 4)
     for fn in [jumprelu, jumprelu_step, jumprelu_codes]:
@@ -202,7 +187,6 @@ def test_jumprelu_rejects_bad_arguments():
             fn(pre, log_theta, 0.0)
 
 
-# from test_ops.py
 @JUMP_DTYPES
 @pytest.mark.parametrize(
     "L, N, F, R, d_out",
@@ -240,7 +224,6 @@ def test_jumprelu_codes_decode_matches_dense(L, N, F, R, d_out, pre_dtype, theta
     assert (g_lt.to(F64) - want[1]).abs().max() > 1e-2
 
 
-# from test_ops.py
 @pytest.mark.parametrize("force_torch", [True, False], ids=["torch", "auto"])
 def test_jumprelu_codes_fp32_sparse_torch_path(force_torch, monkeypatch):
     """float32 codes through the torch path's sparse backward (``CLT_FORCE_TORCH``) and through
@@ -264,7 +247,6 @@ def test_jumprelu_codes_fp32_sparse_torch_path(force_torch, monkeypatch):
         assert_close(g, w, name=f"grad {name}")
 
 
-# from test_ops.py
 def test_jumprelu_codes_window_edge_matches_rect():
     # pre exactly at float32(theta - eps/2) where that rounds up: the STE rectangle
     # |pre - theta| < eps/2 holds (pre - theta is exact), so the codes must hold the entry
@@ -282,11 +264,9 @@ def test_jumprelu_codes_window_edge_matches_rect():
     assert_close(got, want, name="grad log_theta at the window edge")
 
 
-# from test_encode_triton.py
 EPS = 0.1
 
 
-# from test_encode_triton.py
 def make_jump_wide(L, N, F, pre_dtype):
     """Like :func:`make_jump` with margins wide enough for bf16 ``pre`` (fp32 thresholds)."""
     log_theta = torch.empty(L, F).uniform_(-1.0, 0.0)
@@ -297,7 +277,6 @@ def make_jump_wide(L, N, F, pre_dtype):
     return (theta + EPS * u).to(pre_dtype), log_theta
 
 
-# from test_encode_triton.py
 def ref_jump_grads(pre, log_theta, g, step: bool):
     p, theta = pre.to(F64), log_theta.to(F64).exp().unsqueeze(1)
     rect = ((p - theta).abs() < EPS / 2).to(F64)
@@ -306,7 +285,6 @@ def ref_jump_grads(pre, log_theta, g, step: bool):
     return g * (p > theta), g_lt
 
 
-# from test_encode_triton.py
 @pytest.mark.parametrize("pre_dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     "L, N, F", [pytest.param(*s, id="L{}-N{}-F{}".format(*s)) for s in [(2, 7, 5), (3, 37, 130)]]
@@ -335,7 +313,6 @@ def test_jumprelu_triton(monkeypatch, L, N, F, pre_dtype):
     assert_close(g_lt, want_lt, atol=1e-4, name="grad log_theta (step)")
 
 
-# from test_encode_triton.py
 def test_jumprelu_launchers_overwrite_poisoned_outputs(poison):
     L, N, F = 2, 33, 131
     pre, lt = make_jump_wide(L, N, F, F32)
@@ -347,7 +324,6 @@ def test_jumprelu_launchers_overwrite_poisoned_outputs(poison):
     assert not g_pre.isnan().any() and not g_lt.isnan().any()
 
 
-# from test_encode_triton.py
 def test_jumprelu_float64_takes_the_torch_path(monkeypatch):
     spy = Spy(monkeypatch, jr, "jumprelu_fwd")
     pre, lt = make_jump_wide(1, 3, 4, F64)

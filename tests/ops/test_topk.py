@@ -35,12 +35,12 @@ from kernels import (
 )
 
 # the package re-exports functions named like their modules: fetch the modules themselves
-tk, jr, btk, decode_mod = (importlib.import_module(f"kernels.{m}")
-                           for m in ("topk", "jumprelu", "batchtopk", "decode"))
-cpu_topk, cpu_decode = (importlib.import_module(f"kernels.cpu.{m}") for m in ("topk", "decode"))
+tk = importlib.import_module("kernels.topk")
+decode_mod = importlib.import_module("kernels.decode")
+cpu_topk = importlib.import_module("kernels.cpu.topk")
+cpu_decode = importlib.import_module("kernels.cpu.decode")
 
 
-# from test_ops.py
 ENCODE_SHAPES = [
     pytest.param(L, N, d_in, F, k, id=f"L{L}-N{N}-din{d_in}-F{F}-k{k}")
     for L, N, d_in, F, k in [
@@ -52,7 +52,6 @@ ENCODE_SHAPES = [
 ]
 
 
-# from test_ops.py
 @dtypes(F64, F32)
 @pytest.mark.parametrize("ranked", [False, True], ids=["plain", "rank_scale"])
 @pytest.mark.parametrize("L, N, d_in, F, k", ENCODE_SHAPES)
@@ -91,7 +90,6 @@ def test_encode_topk(L, N, d_in, F, k, ranked, dtype):
         assert g_scale is None, "rank_scale must not be differentiated"
 
 
-# from test_ops.py
 @pytest.mark.parametrize("ratio", [0, 10**9], ids=["gather", "gemm"])
 @dtypes(F64, F32)
 @pytest.mark.parametrize("L, N, d_in, F, k", ENCODE_SHAPES)
@@ -109,7 +107,6 @@ def test_encode_topk_torch_backward_paths(L, N, d_in, F, k, dtype, ratio, monkey
         assert_close(g, w, name=f"grad {name}")
 
 
-# from test_ops.py
 @pytest.mark.parametrize("ratio", [0, 10**9], ids=["gather", "gemm"])
 def test_torch_paths_under_cpu_autocast(ratio, monkeypatch):
     """A bf16 autocast step through both torch paths (encoder backward, decode forward and
@@ -135,7 +132,6 @@ def test_torch_paths_under_cpu_autocast(ratio, monkeypatch):
         torch.testing.assert_close(g, w, rtol=0.05, atol=0.05, msg=lambda m, n=name: f"{n}: {m}")
 
 
-# from test_ops.py
 def test_encode_topk_gradcheck():
     x, W_enc, b_enc = make_encoder(2, 4, 3, 6, F64)
     assert_separated(ref_pre(x, W_enc, b_enc), 2, gap=1e-3)
@@ -144,7 +140,6 @@ def test_encode_topk_gradcheck():
     )
 
 
-# from test_ops.py
 def test_encode_topk_rejects_bad_arguments():
     L, N, d_in, F = 2, 3, 4, 6
     x, W_enc, b_enc = make_encoder(L, N, d_in, F, F32)
@@ -159,7 +154,6 @@ def test_encode_topk_rejects_bad_arguments():
             encode_topk(x, W_enc, b_enc, 2, rank_scale=bad)
 
 
-# from test_ops.py
 def _saved_shapes(fn) -> list[tuple[int, ...]]:
     shapes = []
 
@@ -172,7 +166,6 @@ def _saved_shapes(fn) -> list[tuple[int, ...]]:
     return shapes
 
 
-# from test_ops.py
 def test_topk_family_saves_nothing_dense_for_backward():
     # N > d_in and L * N * F larger than x, W_enc and the decoder table, so a saved tensor of
     # L * N * F elements or with an [N, F] face can only be a dense activation-sized buffer
@@ -202,7 +195,6 @@ def test_topk_family_saves_nothing_dense_for_backward():
     assert saved and not [s for s in saved if dense_face(s)], saved
 
 
-# from test_encode_triton.py
 ENCODE_SHAPES = [
     pytest.param(*s, id="L{}-N{}-din{}-F{}-k{}".format(*s))
     for s in [
@@ -215,7 +207,6 @@ ENCODE_SHAPES = [
 ]
 
 
-# from test_encode_triton.py
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("ranked", [False, True], ids=["plain", "rank_scale"])
 @pytest.mark.parametrize("L, N, d_in, F, k", ENCODE_SHAPES)
@@ -250,7 +241,6 @@ def test_encode_topk_triton(monkeypatch, L, N, d_in, F, k, ranked, dtype):
         assert_close(g, w, atol=atol, name=f"grad {name}")
 
 
-# from test_encode_triton.py
 def test_encode_topk_ties_go_to_lower_index():
     # W = 0: every row's pre is the bias, whose values repeat across features and tiles
     L, N, d_in, F, k = 2, 5, 4, 40, 6
@@ -265,7 +255,6 @@ def test_encode_topk_ties_go_to_lower_index():
     assert torch.equal(values, b.gather(1, indices.view(L, -1)).view(L, N, k))
 
 
-# from test_encode_triton.py
 def test_encode_topk_large_k_not_power_of_two():
     L, N, d_in, F, k = 1, 4, 8, 64, 37  # KP = 64
     x, W, b = make_encoder(L, N, d_in, F, F32)
@@ -275,7 +264,6 @@ def test_encode_topk_large_k_not_power_of_two():
     assert torch.equal(indices, torch.topk(pre, k, dim=-1).indices)
 
 
-# from test_encode_triton.py
 def test_encode_topk_launchers_overwrite_poisoned_outputs(poison):
     L, N, d_in, F, k = 2, 19, 7, 37, 3
     x, W, b = make_encoder(L, N, d_in, F, F32)
@@ -297,7 +285,6 @@ def test_encode_topk_launchers_overwrite_poisoned_outputs(poison):
         assert_close(got_t, want_t, name=f"grad {name}")
 
 
-# from test_encode_triton.py
 def make_awkward(L, N, d_in, F, dtype, gen):
     """Inputs whose rows stress the selection: layer 0 has ``b_enc`` constant, so its tokens with
     ``x = 0`` (every third) tie across all ``F`` features; layer 1 has ``b_enc <= -20``, so every
@@ -311,13 +298,11 @@ def make_awkward(L, N, d_in, F, dtype, gen):
     return x.to(dtype), W.to(dtype), b.to(dtype)
 
 
-# from test_encode_triton.py
 def ref_topk_stable(score: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k indices of a float64 score, largest first, ties to the lower index."""
     return torch.sort(-score, dim=-1, stable=True).indices[..., :k]
 
 
-# from test_encode_triton.py
 AWKWARD_SHAPES = [
     pytest.param(*s, id="N{}-din{}-F{}-k{}".format(*s))
     for s in [
@@ -329,7 +314,6 @@ AWKWARD_SHAPES = [
 ]
 
 
-# from test_encode_triton.py
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("N, d_in, F, k", AWKWARD_SHAPES)
 def test_encode_topk_awkward_rows(monkeypatch, poison, N, d_in, F, k, dtype):
@@ -394,7 +378,6 @@ def test_encode_topk_awkward_rows(monkeypatch, poison, N, d_in, F, k, dtype):
             assert_close(gt, w, name=f"poisoned grad {name}")
 
 
-# from test_encode_triton.py
 def test_encode_topk_float64_takes_the_torch_path(monkeypatch):
     spy = Spy(monkeypatch, tk, "encode_topk_fwd")
     x, W, b = make_encoder(1, 3, 4, 8, F64)
@@ -404,7 +387,6 @@ def test_encode_topk_float64_takes_the_torch_path(monkeypatch):
     assert spy.calls == 1
 
 
-# from test_encode_triton.py
 def test_encode_topk_two_step_matches_fused():
     x, W, b = make_encoder(2, 9, 6, 21, F32)
     ins1, ins2 = [leaf(t) for t in (x, W, b)], [leaf(t) for t in (x, W, b)]
@@ -419,7 +401,6 @@ def test_encode_topk_two_step_matches_fused():
         encode_topk(x, W, b, 2, impl="dense")
 
 
-# from test_encode_aux.py
 def make_problem(L=3, N=9, d=6, F=20, dtype=F64):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(L, N, d, generator=gen)
@@ -432,7 +413,6 @@ def make_problem(L=3, N=9, d=6, F=20, dtype=F64):
     return [t.to(dtype) for t in (x, W, b)], cols, spare
 
 
-# from test_encode_aux.py
 def reference(x, W, b, k, cols, spare, k_aux):
     values, indices = encode_topk(x, W, b, k, impl="torch")
     Wc = W.gather(2, cols.unsqueeze(1).expand(-1, W.shape[1], -1))
@@ -443,12 +423,10 @@ def reference(x, W, b, k, cols, spare, k_aux):
     return values, indices, aux_values, ids
 
 
-# from test_encode_aux.py
 def loss_of(values, aux_values, up, up_aux):
     return (values * up).sum() + (torch.relu(aux_values) * up_aux).sum()
 
 
-# from test_encode_aux.py
 @pytest.mark.parametrize("impl, dtype", [("torch", F64), ("fused", F32), ("two_step", F32)])
 def test_matches_two_separate_ops(impl, dtype):
     (x, W, b), cols, spare = make_problem(dtype=dtype)
@@ -468,7 +446,6 @@ def test_matches_two_separate_ops(impl, dtype):
         assert_close(a, e, name=f"grad {name}")
 
 
-# from test_encode_aux.py
 def test_encoder_gradient_lands_in_a_donated_buffer():
     """One ``W_enc`` gradient for both selections: the NaN-filled donated buffer, overwritten."""
     (x, W, b), cols, spare = make_problem(dtype=F32)
@@ -490,7 +467,6 @@ def test_encoder_gradient_lands_in_a_donated_buffer():
     assert_close(Wl.grad, ref.grad, name="grad W_enc")
 
 
-# from test_encode_aux.py
 def test_rejects_bad_aux():
     (x, W, b), cols, spare = make_problem()
     with pytest.raises(ValueError, match="aux columns"):
