@@ -175,7 +175,7 @@ def test_batchtopk_float64_takes_the_torch_path(monkeypatch):
 SELECT_KINDS = ("normal", "ties", "equal", "negative", "zeros", "wide", "bf16grid", "mixture")
 
 
-N_SELECT_CASES, SELECT_CHUNK = 250, 250
+N_SELECT_CASES, SELECT_CHUNK = 160, 160
 
 
 def random_values(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:

@@ -93,7 +93,9 @@ DECODE_SHAPES = [
 ]
 
 
-@dtypes(F64, F32)
+# fp64 runs the CPU path (and, in test_sparse_decode_specification, the specification); fp32
+# through the kernels is test_decode_fp32's, on SHAPES
+@dtypes(F64)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("L, N, F, K, R, d_out", DECODE_SHAPES)
 def test_sparse_decode(L, N, F, K, R, d_out, bias, dtype):
@@ -283,6 +285,8 @@ SHAPES = [
         (4, 6, 12, 3, 2, 33),  # window, d_out not a power of two
         (4, 9, 12, 1, 3, 33),  # K = 1, N not a multiple of the block (8)
         (2, 17, 4, 5, 2, 7),  # F < K: many repeats, segments longer than a block
+        (1, 5, 8, 3, 1, 7),  # L = 1
+        (3, 1, 16, 5, 3, 7),  # N = 1
     ]
 ]
 

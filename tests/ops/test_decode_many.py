@@ -124,8 +124,9 @@ def test_torch_path_chunks_rows(monkeypatch):
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("used", [(True, True), (False, True)], ids=["both", "aux-only"])
 def test_triton_path_matches_reference(dtype, deterministic, used):
-    layout, main, aux, W_dec, b_dec = make_sets(3, 10, 16, 3, 3, 40, dtype)
-    ups = [torch.randn(3, 10, 40) for _ in range(2)]
+    # two row blocks (8) and two d_out blocks (32) of the interpreter's tiles
+    layout, main, aux, W_dec, b_dec = make_sets(3, 9, 9, 3, 3, 33, dtype)
+    ups = [torch.randn(3, 9, 33) for _ in range(2)]
 
     def decode_many(sets, W, lay):
         return sparse_decode_many(sets, W, lay, deterministic=deterministic)

@@ -264,9 +264,6 @@ def test_jumprelu_codes_window_edge_matches_rect():
     assert_close(got, want, name="grad log_theta at the window edge")
 
 
-EPS = 0.1
-
-
 def make_jump_wide(L, N, F, pre_dtype):
     """Like :func:`make_jump` with margins wide enough for bf16 ``pre`` (fp32 thresholds)."""
     log_theta = torch.empty(L, F).uniform_(-1.0, 0.0)
