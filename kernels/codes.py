@@ -3,6 +3,10 @@
 Shared by every nonlinearity whose active count varies per row (BatchTopK, JumpReLU, ReLU):
 ``K`` is the largest count of any (layer, token) row; shorter rows are padded with value 0 and
 index 0, which the decode treats as a no-op.
+
+No Triton kernel and no CPU fast path: ``nonzero`` and an indexed copy are library kernels on
+every device, so each op here is its own specification (checked against a Python loop in
+tests/ops/test_codes.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fused encode + TopK with a sparse encoder backward: Triton kernels and the torch path.
+"""Fused encode + TopK with a sparse encoder backward: Triton kernels, torch specification, op.
 
 Per (layer, token) keep the ``k`` largest pre-activations ``pre = x @ W_enc + b_enc``. Backward
 uses only the selected entries: ``grad W_enc[:, f] = sum_{(n, j): idx = f} g[n, j] * x[n]``, which
@@ -227,7 +227,7 @@ def _encode_topk_bwd_dx_kernel(
 # Host launchers
 # ------------------------------------------------------------------------------------------------
 
-# Production tile sizes on a GPU (checked for spills at sm_80 / sm_90 by the tests); tiny tiles
+# Production tile sizes on a GPU (checked for spills at sm_80 / sm_90: compile_jobs()); tiny tiles
 # under the interpreter, where every tile is a numpy call.
 # BLOCK_N=64, BLOCK_F=64, BLOCK_D=32, 8 warps: 187 (bf16) / 245 (fp32) registers at sm_90 for
 # KP=16, no stack; 128-wide tiles or 4 warps spill (the int64 keys and the bitonic merge
