@@ -210,7 +210,7 @@ def train(cfg, args, mesh: Mesh, run_dir: Path) -> None:
     changes: dict = {}
     if args.resume:
         path, resume, changes = resume_state(cfg, run_dir, mesh)
-    torch.manual_seed(tcfg.seed + mesh.tp_rank)  # feature shards differ, replicas agree
+    torch.manual_seed(tcfg.seed)  # every process builds the same whole model, then its shard
 
     device = resolve_device(tcfg.device)
     try:
@@ -254,7 +254,7 @@ def train(cfg, args, mesh: Mesh, run_dir: Path) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     if mesh.is_main:
         print(f"run {run_dir}: L={model.n_layers} d_in={model.d_in} d_out={model.d_out} "
-              f"F={cfg.model.n_features} R={model.reach} {model.nonlinearity}, "
+              f"F={cfg.model.n_features} R={model.reach} {cfg.nonlinearity.kind}, "
               f"{n_params:,} parameters{' per tensor-parallel rank' if mesh.tp_size > 1 else ''}"
               f", standardized on {int(model.standardizer.n_tokens)} tokens, from step "
               f"{first_step}; processes: tensor={mesh.tp_size} x data={mesh.dp_size}")

@@ -138,17 +138,15 @@ class _ClosedLoop:
     time).
 
     Any object with ``reconstruct``: sources after ``i`` are passed as zeros (they cannot reach
-    target ``i``), one full reconstruction per target. A :class:`CrossLayerTranscoder` in eval
+    target ``i``), one full reconstruction per target. A transcoder (``writes_features``) in eval
     mode takes a fast path with the same result: each source is encoded once, when its input
     arrives (``model.encode(x, layer=i)``), and the codes seen so far are decoded (L encodes per
     forward instead of ``L * L``).
     """
 
     def __init__(self, clt_model: Any, n_layers: int) -> None:
-        from .model import CrossLayerTranscoder
-
         self.model = clt_model
-        self.fast = (isinstance(clt_model, CrossLayerTranscoder) and not clt_model.training
+        self.fast = (getattr(clt_model, "writes_features", False) and not clt_model.training
                      and clt_model.W_skip is None)  # the fast path decodes codes only
         self.n_layers = n_layers
         self.codes: list[Any] = []
@@ -416,10 +414,8 @@ def evaluate_run(
         result[mode] = replacement_metrics(lm, model, tokens, layers, lm_cfg.input_hook,
                                            lm_cfg.output_hook, mode,
                                            batch_size=lm_cfg.lm_batch_size)
-    from .model import CrossLayerTranscoder
-
     exported = None
-    if isinstance(model, CrossLayerTranscoder) and model.nonlinearity in ("topk", "batchtopk"):
+    if model.writes_features and model.nonlinearity.exports_as is None:
         from .convert import convert
 
         converted = convert(model, batches=pairs).eval()
@@ -427,14 +423,14 @@ def evaluate_run(
         # standardizer, so its FVU compares with the trained FVU (the folded copy's would be a
         # raw-scale FVU, dominated by the highest-variance dimensions)
         after = evaluate(converted, pairs)
-        result["exported"] = {"nonlinearity": converted.nonlinearity,
+        result["exported"] = {"nonlinearity": converted.nonlinearity.kind,
                               "fvu": [float(v) for v in after["eval/fvu"]],
                               "fvu_total": float(after["eval/fvu_total"]),
                               "l0": [float(v) for v in after["eval/l0"]]}
         exported = converted.folded_copy().eval()  # what the export files hold
     # graphs need features that write the MLP outputs (not an SAE) and a transcoder's own
     # encoder/decoder (not a MOLT); a skip connection is a linear path of the graph's model
-    graphable = lm_cfg.output_hook == "hook_mlp_out" and isinstance(model, CrossLayerTranscoder)
+    graphable = lm_cfg.output_hook == "hook_mlp_out" and model.writes_features
     skipped: dict[str, str] = {}
     if "open" in modes and len(prompts) and graphable:
         for prefix, label, scored in (("", "trained model", model),

@@ -128,7 +128,6 @@ def load_run_as_exported(run_dir: str | Path, device: str | torch.device = "cpu"
     from ..data import TINY_BOS, TINY_SEP, _byte_ids
     from ..data.lm import lm_activations, load_lm
     from ..data.tokens import TokenStream
-    from ..model import CrossLayerTranscoder
     from ..trainer import load_run
 
     run_dir = Path(run_dir)
@@ -142,7 +141,7 @@ def load_run_as_exported(run_dir: str | Path, device: str | torch.device = "cpu"
     if cfg.data.source != "lm":
         raise PagesError(f"{run_dir}: pages need an LM-backed run (data.source is "
                          f"{cfg.data.source!r})")
-    if not isinstance(model, CrossLayerTranscoder):
+    if not model.writes_features:
         raise PagesError(f"{run_dir}: pages need a transcoder's own features, this run is a "
                          f"{type(model).__name__}")
     if check is not None:
@@ -165,10 +164,10 @@ def load_run_as_exported(run_dir: str | Path, device: str | torch.device = "cpu"
                            seed=cfg.train.seed, split="heldout", loop=False, **ids)
 
     layers = cfg.resolved_layers or list(range(lm.cfg.n_layers))
-    kind = model.nonlinearity
-    method = "none"
+    kind = cfg.nonlinearity.kind
+    method = "none" if model.nonlinearity.exports_as is not None else model.nonlinearity.conversion
     batches = None
-    if kind == "topk":
+    if method == "calibrate":
         # clt.export's calibration tokens: the first EXPORT_TOKENS non-BOS held-out activations
         method = "calibrate"
         buffer = torch.bfloat16 if lm_cfg.buffer_dtype == "bfloat16" else torch.float32
@@ -183,13 +182,11 @@ def load_run_as_exported(run_dir: str | Path, device: str | torch.device = "cpu"
             raise PagesError(f"{run_dir}: the held-out split has only {total} tokens, "
                              f"{EXPORT_TOKENS} are needed to calibrate the JumpReLU thresholds")
         batches = [torch.cat(xs, dim=1)[:, :EXPORT_TOKENS]]
-    elif kind == "batchtopk":
-        method = "ema"
     try:
         converted = convert(model, None if method == "none" else method, batches)
     except ConversionError as exc:
         raise PagesError(str(exc)) from None
-    log(f"run {run_dir} step {step}: {kind} -> {converted.nonlinearity} "
+    log(f"run {run_dir} step {step}: {kind} -> {converted.nonlinearity.kind} "
         f"(thresholds: {method})")
     bos = ids.get("bos_id")
     if bos is None:
