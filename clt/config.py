@@ -755,7 +755,10 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
 def _field_lines(path: str, field: Any, note: str = "") -> list[str]:
     default = "required" if field.is_required() else f"default {_show(field.default)}"
     section = _section_type(field.annotation)
-    type_name = "section | null" if section else _type_name(field.annotation)
+    type_name = _type_name(field.annotation)
+    if section is not None:
+        type_name = "list of sections" if typing.get_origin(field.annotation) is list \
+            else "section | null"
     lines = [f"  {path}  ({type_name}, {default}){note}"]
     return lines + textwrap.wrap(field.description or "", width=96, initial_indent=" " * 6,
                                  subsequent_indent=" " * 6)

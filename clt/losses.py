@@ -7,7 +7,7 @@ All terms share one normalisation so their coefficients are comparable: a sum ov
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -242,7 +242,7 @@ class LossTerm:
     ..., <its fields>}``), added as ``coef * term(ctx)`` under the name ``kind``'s last part.
     Subclasses are dataclasses (their fields are the config arguments) with ``__call__``."""
 
-    coef: float = 1.0
+    coef: float = field(default=1.0, metadata={"help": "Weight of the term, >= 0."})
 
     kind: ClassVar[str] = ""
 
