@@ -195,7 +195,7 @@ def dense_activation(model: CrossLayerTranscoder, pre: torch.Tensor) -> torch.Te
 
 
 def dense_auxk(model, pre, y, yhat, weights) -> torch.Tensor | None:
-    """``clt.losses.auxk_loss`` on a dense activation of the top dead pre-activations."""
+    """AuxK (``clt.losses.auxk_fit``) on a dense activation of the top dead pre-activations."""
     dead = model.dead_mask(weights.dead_tokens)  # [L, F]
     n_dead = int(dead.sum(dim=1).max())
     if n_dead == 0:

@@ -63,6 +63,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from .trainer import evaluate, load_run
+
 MODES = ("open", "closed")
 DEFAULT_TOKENS = 4096
 
@@ -302,23 +304,10 @@ def replacement_metrics(
 # ---- evaluating a run folder ---------------------------------------------------------------
 
 
-def _load_run(run_dir: Path, device: torch.device):
-    """(config, model in eval mode, checkpoint step) of a run folder; EvaluationError if bad."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .trainer import load_run
-
-    try:
-        return load_run(run_dir, device)
-    except (ConfigError, CheckpointError, OSError) as exc:
-        raise EvaluationError(str(exc)) from None
-
-
 def _reconstruction(model, pairs) -> dict[str, Any]:
     """Held-out FVU and L0 of ``model`` (and of its JumpReLU conversion, ``exported``, for the
     TopK family), and the converted model (None when it exports as it is)."""
     from .convert import convert
-    from .trainer import evaluate
 
     recon = evaluate(model, pairs)
     out: dict[str, Any] = {"fvu": [float(v) for v in recon["eval/fvu"]],
@@ -411,7 +400,7 @@ def evaluate_run(
         raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
     run_dir = Path(run_dir)
     device = torch.device(device)
-    cfg, model, step = _load_run(run_dir, device)
+    cfg, model, step = load_run(run_dir, device, error=EvaluationError)
     if not cfg.data.component.has_lm:
         if export_dir is not None:
             raise EvaluationError(f"{run_dir}: --export needs an LM-backed run (data.source is "

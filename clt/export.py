@@ -43,6 +43,7 @@ import torch
 
 from .model import CrossLayerTranscoder
 from .runs import RunDirError, check_output_dir
+from .trainer import load_run
 
 # Our block-relative hook names -> the transformer-lens names circuit-tracer's configs use
 # (clt.data.lm.HOOK_ALIASES, repeated here so export does not import transformer-lens).
@@ -293,18 +294,6 @@ def load_exported(out_dir: str | Path) -> dict[str, Any]:
 # ---- run folders and the command line ------------------------------------------------------
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """``(config, model in eval mode, step)`` of a run folder's latest checkpoint."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .trainer import load_run as load_trained
-
-    try:
-        return load_trained(run_dir, device)
-    except (ConfigError, CheckpointError, OSError) as exc:
-        raise ExportError(str(exc)) from None
-
-
 def _heldout(cfg, device: torch.device, n_tokens: int):
     from .data import build_source
 
@@ -335,7 +324,7 @@ def export_run(
         raise ExportError(f"--tokens must be >= 1, got {n_tokens}")
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)  # before anything loads
-    cfg, model, step = load_run(run_dir, device)
+    cfg, model, step = load_run(run_dir, device, error=ExportError)
     nl = model.nonlinearity
     kind = cfg.nonlinearity.kind
     if threshold is not None and nl.exports_as is not None:

@@ -361,17 +361,31 @@ def new_run_dir(cfg: Config) -> Path:
     return Path(cfg.logging.run_dir) / name
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", warn=None):
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", warn=None,
+             error: type[Exception] | None = None):
     """``(config, model in eval mode, step)`` of a run folder's newest checkpoint that verifies
     (a newer corrupted one is skipped with a ``warn`` line, default stderr).
 
     Raises ``CheckpointError`` (missing folder, config or checkpoint; a checkpoint that does not
-    fit its config) or ``ConfigError`` (an invalid ``config.json``).
+    fit its config), ``ConfigError`` (an invalid ``config.json``) or an ``OSError``; with
+    ``error``, any of them as that exception class, with the same one-line message (what the
+    evaluation, export and page commands report).
     """
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    if error is None:
+        return _load_run(Path(run_dir), device, warn)
+    try:
+        return _load_run(Path(run_dir), device, warn)
+    except (ConfigError, CheckpointError, OSError) as exc:
+        raise error(str(exc)) from None
+
+
+def _load_run(run_dir: Path, device: str | torch.device, warn):
     from .checkpoint import CheckpointError, check_compatible, latest_good_checkpoint
     from .config import load_config
 
-    run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run folder")
     cfg = load_config(run_dir / "config.json")

@@ -122,8 +122,6 @@ def load_run_as_exported(run_dir: str | Path, device: str | torch.device = "cpu"
     """Load ``run_dir``'s latest checkpoint and convert it as ``clt.export`` does.
 
     ``check(cfg, model)`` runs before the LM is loaded (to refuse bad options early)."""
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
     from ..convert import ConversionError, convert
     from ..data import TINY_BOS, TINY_SEP, _byte_ids
     from ..data.lm import lm_activations, load_lm
@@ -134,10 +132,7 @@ def load_run_as_exported(run_dir: str | Path, device: str | torch.device = "cpu"
     device = torch.device(device)
     if not run_dir.is_dir():
         raise PagesError(f"{run_dir}: no such run folder")
-    try:
-        cfg, model, step = load_run(run_dir, device)
-    except (ConfigError, CheckpointError, OSError) as exc:
-        raise PagesError(str(exc)) from None
+    cfg, model, step = load_run(run_dir, device, error=PagesError)
     if cfg.data.source != "lm":
         raise PagesError(f"{run_dir}: pages need an LM-backed run (data.source is "
                          f"{cfg.data.source!r})")
