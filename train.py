@@ -204,13 +204,64 @@ def resume_state(cfg, run_dir: Path, mesh: Mesh):
     return path, state, changes
 
 
+class Loop:
+    """The steps of the training loop besides the optimizer step: the divergence check, the
+    training log, the held-out evaluation (every rank computes; rank 0 writes)."""
+
+    def __init__(self, cfg, mesh: Mesh, run_dir: Path, model, scheduler, counter, weights,
+                 heldout: list, log: MetricsLog, first_step: int) -> None:
+        self.cfg, self.mesh, self.run_dir, self.model = cfg, mesh, run_dir, model
+        self.scheduler, self.counter, self.weights = scheduler, counter, weights
+        self.heldout, self.log, self.first_step = heldout, log, first_step
+        self.start = time.perf_counter()
+
+    @staticmethod
+    def due(step: int, *every: int) -> bool:
+        return any(step % n == 0 for n in every)
+
+    def stop_if_diverged(self, nonfinite: torch.Tensor, step: int) -> None:
+        """One host sync: the weights' check joins the step flags, the max over every rank."""
+        nonfinite[-1] += nonfinite_weights(self.model)
+        stop_if_diverged(self.mesh.world_max(nonfinite), step, self.run_dir)
+
+    def log_training(self, step: int, metrics: dict, progress) -> None:
+        mesh, tcfg = self.mesh, self.cfg.train
+        tokens = (step - self.first_step + 1) * tcfg.batch_tokens
+        metrics = mesh.dp_mean_metrics(metrics)
+        dead = self.model.dead_mask(self.weights.dead_tokens).float()
+        metrics["dead_fraction"] = mesh.gather_features(dead).mean(1)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["tokens"] = step * tcfg.batch_tokens
+        metrics["tokens_per_s"] = tokens / (time.perf_counter() - self.start)
+        freq = mesh.gather_features(self.counter.read_and_reset())
+        flat = self.log.log(step, metrics, frequency_histogram(freq))
+        progress.set_postfix(tokens=f"{int(flat['tokens']):,}", loss=f"{flat['loss']:.4g}",
+                             fvu=f"{flat['fvu_total']:.3f}", l0=f"{flat['l0/mean']:.1f}",
+                             tok_s=f"{flat['tokens_per_s']:.0f}")
+
+    def evaluate(self, step: int, progress) -> dict[str, float]:
+        """Held-out metrics, plots; exit 1 when the held-out FVU is not finite."""
+        held_out = evaluate(self.model, self.heldout, self.mesh)
+        plots = write_plots(self.run_dir, step, held_out) if self.mesh.is_main else {}
+        held_out.pop("eval/freq", None)
+        metrics = self.log.log(step, held_out, images=plots)
+        if not math.isfinite(metrics["eval/fvu_total"]):
+            fail(f"training diverged: the held-out FVU is {metrics['eval/fvu_total']} at step "
+                 f"{step}; stopped without saving. Last good checkpoint: "
+                 f"{last_good_checkpoint(self.run_dir)}", status=1)
+        if self.mesh.is_main:
+            progress.write(f"step {step}: held-out FVU {metrics['eval/fvu_total']:.4f}, L0 "
+                           f"{metrics['eval/l0/mean']:.1f}")
+        return metrics
+
+
 def train(cfg, args, mesh: Mesh, run_dir: Path) -> None:
     tcfg = cfg.train
     resume = path = None
     changes: dict = {}
     if args.resume:
         path, resume, changes = resume_state(cfg, run_dir, mesh)
-    torch.manual_seed(tcfg.seed + mesh.tp_rank)  # feature shards differ, replicas agree
+    torch.manual_seed(tcfg.seed)  # every process builds the same whole model, then its shard
 
     device = resolve_device(tcfg.device)
     try:
@@ -254,19 +305,20 @@ def train(cfg, args, mesh: Mesh, run_dir: Path) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     if mesh.is_main:
         print(f"run {run_dir}: L={model.n_layers} d_in={model.d_in} d_out={model.d_out} "
-              f"F={cfg.model.n_features} R={model.reach} {model.nonlinearity}, "
+              f"F={cfg.model.n_features} R={model.reach} {cfg.nonlinearity.kind}, "
               f"{n_params:,} parameters{' per tensor-parallel rank' if mesh.tp_size > 1 else ''}"
               f", standardized on {int(model.standardizer.n_tokens)} tokens, from step "
               f"{first_step}; processes: tensor={mesh.tp_size} x data={mesh.dp_size}")
 
+    loop = Loop(cfg, mesh, run_dir, model, scheduler, counter, weights, heldout, log,
+                first_step)
     nonfinite = torch.zeros(len(DIVERGENCE_CHECKS), device=device)  # loss, grad norm, weights
     eval_metrics: dict[str, float] = {}
-    start = time.perf_counter()
-    steps = range(first_step, tcfg.steps + 1)
     try:
         with profiler(run_dir, tcfg.profile_steps, device, mesh) as prof:
             # rank 0 draws a bar on a terminal only (logs and captured stderr stay readable)
-            progress = tqdm(steps, unit="step", initial=first_step - 1, total=tcfg.steps,
+            progress = tqdm(range(first_step, tcfg.steps + 1), unit="step",
+                            initial=first_step - 1, total=tcfg.steps,
                             disable=None if mesh.is_main else True)
             for step in progress:
                 metrics = train_step(model, optimizer, scheduler, batches, weights, step - 1, tcfg,
@@ -275,40 +327,13 @@ def train(cfg, args, mesh: Mesh, run_dir: Path) -> None:
                 if prof is not None:
                     prof.step()
                 last = step == tcfg.steps
-                check_now = last or any(step % every == 0 for every in
-                                        (cfg.logging.every, cfg.eval.every, cfg.checkpoint.every))
-                if check_now:  # one host sync per check, never a checkpoint of a diverged run
-                    nonfinite[-1] += nonfinite_weights(model)
-                    stop_if_diverged(mesh.world_max(nonfinite), step, run_dir)
-                if step % cfg.logging.every == 0 or last:
-                    tokens = (step - first_step + 1) * tcfg.batch_tokens
-                    metrics = mesh.dp_mean_metrics(metrics)
-                    dead = model.dead_mask(weights.dead_tokens).float()
-                    metrics["dead_fraction"] = mesh.gather_features(dead).mean(1)
-                    metrics["lr"] = scheduler.get_last_lr()[0]
-                    metrics["tokens"] = step * tcfg.batch_tokens
-                    metrics["tokens_per_s"] = tokens / (time.perf_counter() - start)
-                    freq = mesh.gather_features(counter.read_and_reset())
-                    flat = log.log(step, metrics, frequency_histogram(freq))
-                    progress.set_postfix(tokens=f"{int(flat['tokens']):,}",
-                                         loss=f"{flat['loss']:.4g}", fvu=f"{flat['fvu_total']:.3f}",
-                                         l0=f"{flat['l0/mean']:.1f}",
-                                         tok_s=f"{flat['tokens_per_s']:.0f}")
-                if step % cfg.eval.every == 0 or last:
-                    held_out = evaluate(model, heldout, mesh)
-                    plots = write_plots(run_dir, step, held_out) if mesh.is_main else {}
-                    held_out.pop("eval/freq", None)
-                    eval_metrics = log.log(step, held_out, images=plots)
-                    if not math.isfinite(eval_metrics["eval/fvu_total"]):
-                        fail(f"training diverged: the held-out FVU is "
-                             f"{eval_metrics['eval/fvu_total']} at step {step}; stopped without "
-                             f"saving. Last good checkpoint: {last_good_checkpoint(run_dir)}",
-                             status=1)
-                    if mesh.is_main:
-                        progress.write(f"step {step}: held-out FVU "
-                                       f"{eval_metrics['eval/fvu_total']:.4f}, L0 "
-                                       f"{eval_metrics['eval/l0/mean']:.1f}")
-                if step % cfg.checkpoint.every == 0 or last:
+                if last or loop.due(step, cfg.logging.every, cfg.eval.every, cfg.checkpoint.every):
+                    loop.stop_if_diverged(nonfinite, step)  # never a checkpoint of a diverged run
+                if last or loop.due(step, cfg.logging.every):
+                    loop.log_training(step, metrics, progress)
+                if last or loop.due(step, cfg.eval.every):
+                    eval_metrics = loop.evaluate(step, progress)
+                if last or loop.due(step, cfg.checkpoint.every):
                     state.save(run_dir, step, cfg, mesh)
         replacement = None
         if mesh.is_main and cfg.data.source == "lm" and cfg.eval.replacement_tokens > 0:
@@ -326,7 +351,7 @@ def train(cfg, args, mesh: Mesh, run_dir: Path) -> None:
     if eval_metrics and mesh.is_main:
         per_layer = " ".join(f"{eval_metrics[f'eval/fvu/l{i}']:.3f}"
                              for i in range(model.n_layers))
-        print(f"done in {time.perf_counter() - start:.0f} s: held-out FVU "
+        print(f"done in {time.perf_counter() - loop.start:.0f} s: held-out FVU "
               f"{eval_metrics['eval/fvu_total']:.4f} (per layer {per_layer}), mean L0 "
               f"{eval_metrics['eval/l0/mean']:.1f}, run folder {run_dir}")
     if replacement is not None:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clt.losses import LossWeights  # noqa: E402
 from clt.model import CrossLayerTranscoder  # noqa: E402
-from clt.parallel import GradSync, Mesh, ShardedCLT, ShardedSource, mesh_from_group  # noqa: E402
+from clt.parallel import GradSync, Mesh, ShardedSource, mesh_from_group, parallelize  # noqa: E402
 from clt.trainer import build_optimizer, build_scheduler, train_step  # noqa: E402
 
 LAYOUTS = [("TP=1", 1, 1), ("TP=2", 2, 1), ("DP=2", 1, 2)]  # (name, tensor, data)
@@ -55,7 +55,7 @@ class RandomSource:
 def run_layout(mesh: Mesh, args: argparse.Namespace) -> dict:
     kwargs = {"n_layers": args.L, "d_in": args.d, "d_out": args.d, "n_features": args.F,
               "nonlinearity": "topk", "k": args.k}
-    model = ShardedCLT(mesh, **kwargs) if mesh.world_size > 1 else CrossLayerTranscoder(**kwargs)
+    model = parallelize(CrossLayerTranscoder(**kwargs), mesh)
     with torch.no_grad():  # F/64 dead features per layer, so AuxK runs
         model.tokens_since_fired[:, : model.n_features // 64] = 10**9
     tcfg = SimpleNamespace(optimizer="adam", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,

@@ -184,18 +184,18 @@ def dense_decode(model: CrossLayerTranscoder, A: torch.Tensor, bias: bool) -> to
 
 def dense_activation(model: CrossLayerTranscoder, pre: torch.Tensor) -> torch.Tensor:
     """``[L, N, F]`` activation the way dense trainers build it (scatter of the winners)."""
-    if model.nonlinearity == "topk":
+    if model.nonlinearity.kind == "topk":
         v, i = pre.topk(model.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, i, v.relu())
-    if model.nonlinearity == "batchtopk":  # scope "layer": N * k winners per layer
+    if model.nonlinearity.kind == "batchtopk":  # scope "layer": N * k winners per layer
         flat = pre.flatten(1)
         v, i = flat.topk(model.k * pre.shape[1], dim=1)
         return torch.zeros_like(flat).scatter(1, i, v.relu()).view_as(pre)
-    return kernels.jumprelu(pre, model.log_threshold, model.jumprelu_bandwidth)
+    return kernels.jumprelu(pre, model.log_threshold, model.nonlinearity.jumprelu_bandwidth)
 
 
 def dense_auxk(model, pre, y, yhat, weights) -> torch.Tensor | None:
-    """``clt.losses.auxk_loss`` on a dense activation of the top dead pre-activations."""
+    """AuxK (``clt.losses.auxk_fit``) on a dense activation of the top dead pre-activations."""
     dead = model.dead_mask(weights.dead_tokens)  # [L, F]
     n_dead = int(dead.sum(dim=1).max())
     if n_dead == 0:
@@ -212,7 +212,7 @@ def dense_loss(p: SimpleNamespace) -> tuple[torch.Tensor, Callable[[], None]]:
     A = dense_activation(model, pre)  # [L, N, F], kept for the decoder backward
     yhat = dense_decode(model, A, bias=True)
     total = reconstruction_loss(p.y, yhat)
-    if model.nonlinearity == "jumprelu":
+    if model.nonlinearity.kind == "jumprelu":
         norms = model.decoder_norms()  # [L, F]
         tanh = torch.tanh(w.sparsity_c * A * norms.unsqueeze(1)).sum(dim=-1).mean(dim=-1).sum()
         total = total + w.sparsity_coef * tanh
@@ -245,7 +245,7 @@ def train_step(p: SimpleNamespace, loss_fn) -> None:
 
 def floor_step(p: SimpleNamespace) -> None:
     model = p.model
-    if model.nonlinearity == "jumprelu":  # the dense encoder backward belongs to its floor
+    if model.nonlinearity.kind == "jumprelu":  # the dense encoder backward belongs to its floor
         pre = model.pre_activations(p.x)
         pre.backward(p.grad_pre)
     else:

@@ -402,10 +402,10 @@ def attribute(
     raises :class:`GraphTooLarge` before any backward pass.
     """
     from .data.lm import FORWARD_LOCK, layer_hook_names
-    from .model import CrossLayerTranscoder
 
-    if not isinstance(clt, CrossLayerTranscoder):
-        raise TypeError(f"attribution needs a CrossLayerTranscoder, got {type(clt).__name__}")
+    if not getattr(clt, "writes_features", False):
+        raise TypeError(f"attribution needs a transcoder with feature decoder rows, got "
+                        f"{type(clt).__name__}")
     if tokens.ndim != 1 or tokens.shape[0] < 2:
         raise ValueError(f"tokens must be one prompt [T] with T >= 2 (BOS first), got "
                          f"{tuple(tokens.shape)}")

@@ -7,6 +7,8 @@ Every section forbids unknown keys so a typo fails loudly, and every error is re
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import sys
 import textwrap
@@ -24,12 +26,22 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    PrivateAttr,
     ValidationError,
+    create_model,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from .atomic import atomic_write
+from .registry import (
+    ARCHITECTURES,
+    LOSS_TERMS,
+    NONLINEARITIES,
+    SOURCES,
+    ComponentError,
+    Registry,
+)
 from .runs import run_name_problem
 
 __all__ = [
@@ -95,40 +107,131 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class ModelConfig(_Section):
+# ---- components: a kind plus the arguments its dataclass declares ------------------------------
+
+
+@functools.cache
+def args_model(cls: type) -> type[BaseModel]:
+    """The strict pydantic model of a component dataclass's init fields (``help`` metadata as
+    descriptions), so a plug-in's arguments are validated like every other section."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = ...
+        fields[f.name] = (hints[f.name], Field(default, description=f.metadata.get("help")))
+    return create_model(f"{cls.__name__}Args", __base__=_Section, **fields)
+
+
+# Fields every kind took before components had their own arguments, with the values that meant
+# "unused": configs saved by earlier versions list them all, so the ones a kind does not take are
+# dropped when they hold one of these values (any other value is still an error).
+_LEGACY_DEFAULTS = {
+    "nonlinearity": {"k": (None,), "batchtopk_scope": ("layer",), "threshold_ema_decay": (0.99,),
+                     "rank_by_decoder_norm": (False,), "jumprelu_init_threshold": (0.1,),
+                     "jumprelu_bandwidth": (0.1,)},
+    "model": {"reach": (None, 1), "skip": (False,), "matryoshka_prefixes": (None,),
+              "molt_rank_groups": (None,)},
+}
+
+
+def _validate_args(registry: Registry, kind: Any, args: dict[str, Any], legacy: dict[str, Any],
+                   kind_path: str, where: str = "") -> tuple[dict[str, Any], Any]:
+    """``(full arguments, component)`` of ``kind`` from raw ``args``; problems are raised as
+    config errors whose paths are ``where`` + the field (``kind_path`` for the kind)."""
+    try:
+        cls = registry.resolve(kind)
+    except ComponentError as exc:
+        _fail_if([(kind_path, str(exc))])
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    args = {k: v for k, v in args.items()
+            if k in names or k not in legacy or v not in legacy[k]}
+    try:
+        valid = args_model(cls).model_validate(args)
+    except ValidationError as exc:
+        takes = ", ".join(sorted(names)) or "none"
+
+        def msg(e: dict) -> str:
+            if e["type"] == "extra_forbidden":
+                return f"is not an argument of {kind} (it takes: {takes}) (got {_show(e['input'])})"
+            return e["msg"] + ("" if e["type"] == "missing" else f" (got {_show(e['input'])})")
+
+        _fail_if([(f"{where}{_dotted(e['loc'])}", msg(e)) for e in exc.errors()])
+    values = valid.model_dump()
+    try:
+        component = registry.build(kind, values)
+    except (ValueError, TypeError) as exc:
+        # "field must ..." names its field; anything else is the component's as a whole
+        first, _, rest = str(exc).partition(" ")
+        if first in names and rest:
+            _fail_if([(f"{where}{first}", rest)])
+        _fail_if([(where.rstrip(".") or kind_path, f"{kind}: {exc}")])
+    return values, component
+
+
+class _ComponentSection(_Section):
+    """A section whose ``kind`` names a component and whose other fields (beyond ``_fixed``) are
+    that component's arguments, validated by the component's own model."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    _registry: typing.ClassVar[Registry]
+    _kind_field: typing.ClassVar[str] = "kind"
+    _legacy: typing.ClassVar[dict[str, Any]] = {}
+    _component: Any = PrivateAttr(None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _component_args(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        fixed = set(cls.model_fields)
+        kind = raw.get(cls._kind_field, cls.model_fields[cls._kind_field].default)
+        if kind is None or kind is ...:
+            return raw  # "kind" missing: reported by the field itself
+        args = {k: v for k, v in raw.items() if k not in fixed}
+        values, _ = _validate_args(cls._registry, kind, args, cls._legacy, cls._kind_field)
+        return {**{k: v for k, v in raw.items() if k in fixed}, **values}
+
+    @property
+    def args(self) -> dict[str, Any]:
+        """The component's arguments, defaults included."""
+        return dict(self.__pydantic_extra__ or {})
+
+    def build(self) -> Any:
+        """A fresh component object (a dataclass instance; its ``kind`` is the config's)."""
+        return self._registry.build(getattr(self, self._kind_field), self.args)
+
+    @property
+    def component(self) -> Any:
+        """The component object, built once (do not mutate it)."""
+        if self._component is None:
+            self._component = self.build()
+        return self._component
+
+
+class ModelConfig(_ComponentSection):
     n_features: PositiveInt = Field(..., description="Features per layer (F), > 0.")
-    reach: PositiveInt | None = Field(
-        None,
-        description="Decoder reach R: a feature writes to its own layer and the next R-1. "
-        "null = all later layers (a CLT); 1 = a per-layer transcoder.",
-    )
     layers: list[NonNegativeInt] | None = Field(
         None,
         min_length=1,
         description="LM layers the transcoder reads and writes, sorted and unique. "
         "null = all layers of the LM.",
     )
-    architecture: Literal["transcoder", "molt"] = Field(
-        "transcoder", description="'transcoder': features with decoder rows (CLT, PLT, SAE by "
-        "reach and hooks); 'molt': a sparse mixture of low-rank linear transforms per layer "
-        "(the nonlinearity gates the transforms; n_features = number of transforms)."
+    architecture: str = Field(
+        "transcoder", description="A registered architecture ('transcoder': features with "
+        "decoder rows, a CLT, PLT or SAE by reach and hooks; 'molt': a sparse mixture of "
+        "low-rank linear transforms per layer, n_features = number of transforms) or an import "
+        "path 'package.module:Class'. Its arguments are the other fields of this section."
     )
-    molt_rank_groups: list[Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]] \
-            | None = Field(
-        None, description="MOLT transforms as [[rank, count], ...], e.g. [[64, 16], [32, 32], "
-        "[16, 64], [8, 128]]; the counts must sum to n_features. Only with architecture 'molt'."
-    )
-    skip: bool = Field(
-        False, description="Add a linear skip connection W_skip [L, d_in, d_out] (zero at init) "
-        "from each layer's input to its output."
-    )
-    matryoshka_prefixes: list[float] | None = Field(
-        None, min_length=1,
-        description="Matryoshka: nested dictionaries made of the first fraction of the features, "
-        "increasing and ending at 1, e.g. [0.0625, 0.125, 0.25, 0.5, 1]; each fraction times "
-        "n_features must be a whole number. The reconstruction loss averages over the prefixes. "
-        "null = one dictionary.",
-    )
+    _registry = ARCHITECTURES
+    _kind_field = "architecture"
+    _legacy = _LEGACY_DEFAULTS["model"]
 
     @model_validator(mode="after")
     def _layers_sorted_unique(self) -> ModelConfig:
@@ -138,43 +241,20 @@ class ModelConfig(_Section):
         return self
 
 
-class NonlinearityConfig(_Section):
-    kind: Literal["topk", "batchtopk", "jumprelu", "relu"] = Field(
-        ..., description="Activation function that makes the codes sparse."
+class NonlinearityConfig(_ComponentSection):
+    kind: str = Field(
+        ..., description="Activation function that makes the codes sparse: a registered name "
+        "(topk, batchtopk, jumprelu, relu) or an import path 'package.module:Class'. Its "
+        "arguments are the other fields of this section."
     )
-    k: PositiveInt | None = Field(
-        None,
-        description="Active features per (token, layer); required for topk and batchtopk, "
-        "must be null for jumprelu and relu.",
-    )
-    batchtopk_scope: Literal["layer", "global"] = Field(
-        "layer",
-        description="BatchTopK selects N*k per layer ('layer') or N*k*L across all layers "
-        "('global').",
-    )
-    threshold_ema_decay: UnitOpen = Field(
-        0.99,
-        description="Decay in (0, 1) of the EMA of BatchTopK's smallest kept value, the "
-        "threshold used at inference.",
-    )
-    rank_by_decoder_norm: bool = Field(
-        False, description="Rank TopK candidates by pre-activation times decoder norm."
-    )
-    jumprelu_init_threshold: PositiveFloat = Field(
-        0.1, description="Initial JumpReLU threshold, > 0."
-    )
-    jumprelu_bandwidth: PositiveFloat = Field(
-        0.1, description="Width eps of the rectangle kernel of JumpReLU's STE, > 0."
-    )
+    _registry = NONLINEARITIES
+    _legacy = _LEGACY_DEFAULTS["nonlinearity"]
 
-    @model_validator(mode="after")
-    def _k_matches_kind(self) -> NonlinearityConfig:
-        needs_k = self.kind in ("topk", "batchtopk")
-        if needs_k and self.k is None:
-            _fail_if([("k", f"is required when kind is '{self.kind}'")])
-        if not needs_k and self.k is not None:
-            _fail_if([("k", f"must be null when kind is '{self.kind}' (got {self.k})")])
-        return self
+
+class LossTermConfig(_ComponentSection):
+    kind: str = Field(..., description="Import path 'package.module:Class' of a loss term "
+                      "(a clt.losses.LossTerm dataclass) or a registered name.")
+    _registry = LOSS_TERMS
 
 
 class LossConfig(_Section):
@@ -201,6 +281,10 @@ class LossConfig(_Section):
     )
     dead_tokens: PositiveInt = Field(
         10_000_000, description="A feature is dead once it has not fired for this many tokens."
+    )
+    extra: list[LossTermConfig] = Field(
+        [], description="Extra loss terms, each {\"kind\": ..., \"coef\": ..., <its "
+        "fields>}, added to the objective as coef * term."
     )
 
 
@@ -285,8 +369,13 @@ class LMDataConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["synthetic", "lm"] = Field(
-        "lm", description="Where activations come from: a frozen LM or a planted dictionary."
+    source: str = Field(
+        "lm", description="Where activations come from: 'lm' (a frozen LM, data.lm), "
+        "'synthetic' (a planted dictionary, data.synthetic) or an import path "
+        "'package.module:Class' of a source whose arguments are data.args."
+    )
+    args: dict[str, Any] | None = Field(
+        None, description="Arguments of a plug-in source (data.source an import path)."
     )
     synthetic: SyntheticDataConfig | None = Field(
         None, description="Planted dictionary; required when source is 'synthetic'."
@@ -297,10 +386,19 @@ class DataConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _synthetic_given(self) -> DataConfig:
+    def _source_args(self) -> DataConfig:
         if self.source == "synthetic" and self.synthetic is None:
             _fail_if([("synthetic", "is required when source is 'synthetic'")])
+        if self.args is not None or self.source not in ("lm", "synthetic"):
+            values, _ = _validate_args(SOURCES, self.source, self.args or {}, {}, "source",
+                                       "args.")
+            self.args = values
         return self
+
+    @property
+    def component(self) -> Any:
+        """The source component (``clt.data.sources``)."""
+        return SOURCES.build(self.source, self.args or {})
 
 
 class TrainConfig(_Section):
@@ -418,10 +516,12 @@ class Config(_Section):
 
     @property
     def source_n_layers(self) -> int | None:
-        """Layers of the activation source (LM or planted model); None for an unknown LM."""
+        """Layers of the activation source (LM, planted model or plug-in); None when unknown."""
         if self.data.source == "synthetic":
             assert self.data.synthetic is not None
             return self.data.synthetic.n_layers
+        if self.data.source != "lm":
+            return self.data.component.n_layers()
         shape = self.data.lm.shape
         return shape.n_layers if shape else None
 
@@ -442,16 +542,10 @@ class Config(_Section):
 
     @property
     def resolved_reach(self) -> int | None:
-        """R: model.reach, or L for a CLT (1 for a MOLT); None when L is unknown."""
-        if self.model.architecture == "molt":
-            return 1
-        return self.model.reach if self.model.reach is not None else self.n_layers
-
-    @property
-    def prefix_bounds(self) -> list[int] | None:
-        """Matryoshka prefix sizes in features (``model.matryoshka_prefixes`` times F)."""
-        fractions = self.model.matryoshka_prefixes
-        return None if fractions is None else [round(f * self.model.n_features) for f in fractions]
+        """R: the layers a feature writes to (model.reach, or L for a CLT; 1 for a MOLT);
+        None when L is unknown."""
+        n = self.n_layers
+        return None if n is None else self.model.component.reach_of(n)
 
     @property
     def is_sae(self) -> bool:
@@ -462,8 +556,7 @@ class Config(_Section):
     def _cross_field(self) -> Config:
         _fail_if(
             self._feature_problems()
-            + self._matryoshka_problems()
-            + self._molt_problems()
+            + self.model.component.config_problems(self)
             + self._layer_problems()
             + self._batch_problems()
             + self._schedule_problems()
@@ -473,55 +566,19 @@ class Config(_Section):
     def _feature_problems(self) -> list[tuple[str, str]]:
         f, tp = self.model.n_features, self.parallel.tensor
         problems = []
-        for path, k in (("nonlinearity.k", self.nonlinearity.k), ("loss.auxk_k", self.loss.auxk_k)):
+        for path, k in (("nonlinearity.k", self.nonlinearity.component.k),
+                        ("loss.auxk_k", self.loss.auxk_k)):
             if k is not None and k > f:
                 problems.append((path, f"must be <= model.n_features = {f} (got {k})"))
         if f % tp:
             problems.append(
                 ("model.n_features", f"must be divisible by parallel.tensor = {tp} (got {f})")
             )
+        arch = self.model.component
+        if not arch.tensor_parallel and self.parallel.data * tp > 1:
+            problems.append(("parallel", f"a {self.model.architecture} model trains in one "
+                             "process (tensor and data must be 1)"))
         return problems
-
-    def _matryoshka_problems(self) -> list[tuple[str, str]]:
-        fractions, weights = self.model.matryoshka_prefixes, self.loss.matryoshka_weights
-        f = self.model.n_features
-        if fractions is None:
-            return [("loss.matryoshka_weights", "needs model.matryoshka_prefixes")] if weights \
-                else []
-        problems = []
-        sizes = [x * f for x in fractions]
-        if fractions != sorted(set(fractions)) or fractions[0] <= 0 or fractions[-1] != 1:
-            problems.append(("model.matryoshka_prefixes", "must increase strictly within (0, 1] "
-                             f"and end at 1 (got {fractions})"))
-        elif any(abs(n - round(n)) > 1e-9 for n in sizes):
-            problems.append(("model.matryoshka_prefixes", f"fractions of n_features = {f} must be "
-                             f"whole numbers of features (got {[round(n, 3) for n in sizes]})"))
-        if weights is not None and len(weights) != len(fractions):
-            problems.append(("loss.matryoshka_weights", f"needs one weight per prefix "
-                             f"({len(fractions)}), got {len(weights)}"))
-        return problems
-
-    def _molt_problems(self) -> list[tuple[str, str]]:
-        m = self.model
-        if m.architecture != "molt":
-            return [("model.molt_rank_groups", "needs model.architecture = 'molt'")] \
-                if m.molt_rank_groups is not None else []
-        if m.molt_rank_groups is None:
-            return [("model.molt_rank_groups", "required for architecture 'molt'")]
-        problems = []
-        total = sum(count for _, count in m.molt_rank_groups)
-        if total != m.n_features:
-            problems.append(("model.n_features", f"must equal the number of MOLT transforms, "
-                             f"{total} (the counts of model.molt_rank_groups) "
-                             f"(got {m.n_features})"))
-        unsupported = [("model.reach", m.reach not in (None, 1),
-                        "a MOLT is per layer: 1 or null"),
-                       ("model.skip", m.skip, "not available for a MOLT"),
-                       ("model.matryoshka_prefixes", m.matryoshka_prefixes is not None,
-                        "not available for a MOLT"),
-                       ("parallel", self.parallel.data * self.parallel.tensor > 1,
-                        "a MOLT trains in one process (tensor and data must be 1)")]
-        return problems + [(path, msg) for path, bad, msg in unsupported if bad]
 
     def _layer_problems(self) -> list[tuple[str, str]]:
         problems = []
@@ -535,14 +592,6 @@ class Config(_Section):
                 f"layers {bad} do not exist in {source}, which has {n_src} layers (0..{n_src - 1})"
             )
             problems.append(("model.layers", msg))
-        reach, n = self.model.reach, self.n_layers
-        if reach is not None and n is not None and reach > n:
-            problems.append(
-                ("model.reach", f"must be between 1 and the {n} trained layers (got {reach})")
-            )
-        if self.is_sae and self.resolved_reach != 1:
-            hooks = f"data.lm.output_hook == data.lm.input_hook == '{self.data.lm.input_hook}'"
-            problems.append(("model.reach", f"must be 1 for an SAE ({hooks}) (got {_show(reach)})"))
         return problems
 
     def _batch_problems(self) -> list[tuple[str, str]]:
@@ -696,43 +745,114 @@ def _type_name(annotation: Any) -> str:
 
 
 def _section_type(annotation: Any) -> type[BaseModel] | None:
-    """The model class behind a field (also through ``Model | None``), if any."""
+    """The model class behind a field (also through ``Model | None`` and ``list[Model]``)."""
     for candidate in (annotation, *typing.get_args(annotation)):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate
     return None
 
 
-def _help_lines(model: type[BaseModel], prefix: str) -> list[str]:
+def _field_lines(path: str, field: Any, note: str = "") -> list[str]:
+    default = "required" if field.is_required() else f"default {_show(field.default)}"
+    section = _section_type(field.annotation)
+    type_name = _type_name(field.annotation)
+    if section is not None:
+        type_name = "list of sections" if typing.get_origin(field.annotation) is list \
+            else "section | null"
+    lines = [f"  {path}  ({type_name}, {default}){note}"]
+    return lines + textwrap.wrap(field.description or "", width=96, initial_indent=" " * 6,
+                                 subsequent_indent=" " * 6)
+
+
+def _component_lines(registry: Registry, prefix: str, kinds: Sequence[str]) -> list[str]:
+    """Each kind's own arguments, as ``prefix.field`` lines labelled with the kind."""
+    lines = []
+    for kind in kinds:
+        try:
+            fields = args_model(registry.resolve(kind)).model_fields
+        except ComponentError as exc:
+            lines.append(f"  {prefix}*  ({kind}: {exc})")
+            continue
+        for name, field in fields.items():
+            lines += _field_lines(f"{prefix}{name}", field, f"  [{kind}]")
+    return lines
+
+
+# where each component kind's arguments go: (registry, section model, argument prefix)
+_COMPONENT_SECTIONS = {
+    "model": (ARCHITECTURES, "model."),
+    "nonlinearity": (NONLINEARITIES, "nonlinearity."),
+    "loss.extra": (LOSS_TERMS, "loss.extra[i]."),
+    "data": (SOURCES, "data.args."),
+}
+
+
+def _help_lines(model: type[BaseModel], prefix: str, plugins: dict[str, list[str]]) -> list[str]:
     lines = []
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         section = _section_type(field.annotation)
         if section is not None and field.annotation is section:
-            lines += _help_lines(section, f"{path}.")
+            lines += _help_lines(section, f"{path}.", plugins)
             continue
-        default = "required" if field.is_required() else f"default {_show(field.default)}"
-        type_name = "section | null" if section else _type_name(field.annotation)
-        lines.append(f"  {path}  ({type_name}, {default})")
-        lines += textwrap.wrap(
-            field.description or "", width=96, initial_indent=" " * 6, subsequent_indent=" " * 6
-        )
-        if section is not None:  # an optional section: list its fields too
-            lines += _help_lines(section, f"{path}.")
+        lines += _field_lines(path, field)
+        if section is not None:  # an optional section, or a list of them: list its fields too
+            lines += _help_lines(section, f"{path}[i]." if path == "loss.extra" else f"{path}.",
+                                 plugins)
+    key = prefix.rstrip(".").removesuffix("[i]")
+    if key in _COMPONENT_SECTIONS:
+        registry, args_prefix = _COMPONENT_SECTIONS[key]
+        builtin = [k for k in registry.names()
+                   if dataclasses.fields(registry.resolve(k)) or key == "loss.extra"]
+        lines += _component_lines(registry, args_prefix, builtin + plugins.get(key, []))
     return lines
 
 
-def config_help() -> str:
-    """Every config field path with its type, default and description, for ``--help``."""
+def _plugin_kinds(raw: Any) -> dict[str, list[str]]:
+    """Import-path kinds a raw config names, by component section (for ``--help``)."""
+    if not isinstance(raw, dict):
+        return {}
+
+    def get(*path: str) -> Any:
+        node: Any = raw
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    extra = get("loss", "extra")
+    found = {"model": [get("model", "architecture")], "nonlinearity": [get("nonlinearity", "kind")],
+             "data": [get("data", "source")],
+             "loss.extra": [t.get("kind") for t in extra if isinstance(t, dict)]
+             if isinstance(extra, list) else []}
+    return {key: [k for k in kinds if isinstance(k, str) and ":" in k]
+            for key, kinds in found.items()}
+
+
+def config_help(raw: Any = None) -> str:
+    """Every config field path with its type, default and description, for ``--help``; the
+    arguments of each built-in component and of the plug-ins a raw config names."""
     head = "config fields (set in the JSON file or with --set PATH=VALUE):"
-    return "\n".join([head, *_help_lines(Config, "")])
+    return "\n".join([head, *_help_lines(Config, "", _plugin_kinds(raw))])
+
+
+def _raw_for_help(argv: Sequence[str]) -> Any:
+    """The raw config of a command line that asks for ``--help``, so the help lists the
+    arguments of the plug-ins it names (None when there is none or it does not read)."""
+    if not {"-h", "--help"} & set(argv):
+        return None
+    paths = [a for a in argv if a.endswith(".json") and not a.startswith("-")]
+    try:
+        return _read_json(Path(paths[0])) if paths else None
+    except ConfigError:
+        return None
 
 
 def main_config(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Namespace]:
     """Parse the command line and load the config; on a config error print it and exit 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
         description="Train a crosslayer transcoder.",
-        epilog=config_help(),
+        epilog=config_help(_raw_for_help(argv)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

@@ -33,9 +33,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-import kernels
-
 from .model import CrossLayerTranscoder
+from .nonlinearities import JumpReLU
 from .trainer import evaluate
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
@@ -75,12 +74,9 @@ def to_jumprelu(model: CrossLayerTranscoder, thresholds) -> CrossLayerTranscoder
     ``[L]`` or ``[L, 1]``, or one per feature ``[L, F]``). ``log_threshold`` is float32 like in a
     trained JumpReLU model; ``exp`` of it reproduces the threshold to float32 rounding.
     """
-    if model.nonlinearity not in ("topk", "batchtopk", "jumprelu", "relu"):
-        raise ConversionError(f"unknown nonlinearity {model.nonlinearity!r}")
     theta = _full_thresholds(model, thresholds)
     out = copy.deepcopy(model)  # no constructor: it would draw a fresh init from the global RNG
-    out.nonlinearity, out.k = "jumprelu", None
-    out.rank_by_decoder_norm = False  # a JumpReLU does not rank; folding is then allowed
+    out.nonlinearity = JumpReLU()  # it does not rank by decoder norm: folding is then allowed
     log_theta = theta.log().to(torch.float32).to(model.W_enc.device)
     if "log_threshold" in out._parameters:
         del out._parameters["log_threshold"]
@@ -90,18 +86,18 @@ def to_jumprelu(model: CrossLayerTranscoder, thresholds) -> CrossLayerTranscoder
 
 def ema_thresholds(model: CrossLayerTranscoder) -> torch.Tensor:
     """``[L, F]`` thresholds from a BatchTopK model's inference EMA (per layer or global)."""
-    if model.nonlinearity != "batchtopk":
-        raise ConversionError(f"only BatchTopK keeps an EMA threshold (this model is "
-                              f"{model.nonlinearity!r}): calibrate on held-out data instead")
+    try:
+        ema = model.nonlinearity.ema_thresholds(model)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
     if int(model.threshold_updates) == 0:
         raise ConversionError("the BatchTopK EMA threshold was never updated (untrained model): "
                               "calibrate on held-out data instead")
-    ema = model.threshold.detach().double().cpu()
     if not bool((ema > 0).all()):
-        raise ConversionError(f"the BatchTopK EMA threshold is not positive ({ema.tolist()}): "
-                              f"a JumpReLU needs threshold > 0, calibrate on held-out data instead")
-    per_layer = ema.expand(model.n_layers) if ema.numel() == 1 else ema
-    return per_layer.view(-1, 1).expand(model.n_layers, model.n_features).clone()
+        raise ConversionError(f"the BatchTopK EMA threshold is not positive "
+                              f"({model.threshold.tolist()}): a JumpReLU needs threshold > 0, "
+                              f"calibrate on held-out data instead")
+    return ema
 
 
 def _inputs(batch: Batch) -> torch.Tensor:
@@ -129,21 +125,14 @@ def trained_counts(
     """``([L, F] int64 firing counts, tokens)`` of the model's TRAINING selection on raw batches:
     TopK's top-k (positive entries), BatchTopK's exact batch top-k over each ``chunk`` tokens (EMA
     untouched; ``chunk`` plays the training batch size)."""
-    if model.nonlinearity not in ("topk", "batchtopk"):
-        raise ConversionError(f"no trained selection to match for {model.nonlinearity!r}: pass "
-                              f"target_l0")
     L, F = model.n_layers, model.n_features
     counts = torch.zeros(L, F, dtype=torch.int64)
     tokens = 0
     for x in _chunks(model, batches, chunk):
-        if model.nonlinearity == "topk":
-            codes = model.encode(x)
-            fired = (codes.values > 0).long().cpu()  # [L, n, k]
-            counts.scatter_add_(1, codes.indices.long().cpu().flatten(1), fired.flatten(1))
-        else:
-            pre = model.pre_activations(x)
-            mask = kernels.batchtopk_mask(pre, model.k, model.batchtopk_scope) & (pre > 0)
-            counts += mask.sum(dim=1).cpu()
+        try:
+            counts += model.nonlinearity.trained_counts(model, x).cpu()
+        except ValueError as exc:
+            raise ConversionError(str(exc)) from None
         tokens += x.shape[1]
     if tokens == 0:
         raise ConversionError("no held-out tokens given")
@@ -277,9 +266,9 @@ def convert(
     TopK's default): per-feature thresholds matching the trained selection on ``batches``, or,
     with an explicit ``target_l0``, one threshold per layer matching that mean L0.
     """
-    if model.nonlinearity in ("jumprelu", "relu"):
+    if model.nonlinearity.exports_as is not None:
         return copy.deepcopy(model)
-    method = method or ("ema" if model.nonlinearity == "batchtopk" else "calibrate")
+    method = method or model.nonlinearity.conversion
     if method == "ema":
         return to_jumprelu(model, ema_thresholds(model))
     if method == "calibrate":

@@ -63,6 +63,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from .trainer import evaluate, load_run
+
 MODES = ("open", "closed")
 DEFAULT_TOKENS = 4096
 
@@ -138,17 +140,15 @@ class _ClosedLoop:
     time).
 
     Any object with ``reconstruct``: sources after ``i`` are passed as zeros (they cannot reach
-    target ``i``), one full reconstruction per target. A :class:`CrossLayerTranscoder` in eval
+    target ``i``), one full reconstruction per target. A transcoder (``writes_features``) in eval
     mode takes a fast path with the same result: each source is encoded once, when its input
     arrives (``model.encode(x, layer=i)``), and the codes seen so far are decoded (L encodes per
     forward instead of ``L * L``).
     """
 
     def __init__(self, clt_model: Any, n_layers: int) -> None:
-        from .model import CrossLayerTranscoder
-
         self.model = clt_model
-        self.fast = (isinstance(clt_model, CrossLayerTranscoder) and not clt_model.training
+        self.fast = (getattr(clt_model, "writes_features", False) and not clt_model.training
                      and clt_model.W_skip is None)  # the fast path decodes codes only
         self.n_layers = n_layers
         self.codes: list[Any] = []
@@ -304,20 +304,45 @@ def replacement_metrics(
 # ---- evaluating a run folder ---------------------------------------------------------------
 
 
-def _load_run(run_dir: Path, device: torch.device):
-    """(config, model in eval mode, checkpoint step) of an LM run folder; EvaluationError if bad."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .trainer import load_run
+def _reconstruction(model, pairs) -> dict[str, Any]:
+    """Held-out FVU and L0 of ``model`` (and of its JumpReLU conversion, ``exported``, for the
+    TopK family), and the converted model (None when it exports as it is)."""
+    from .convert import convert
 
+    recon = evaluate(model, pairs)
+    out: dict[str, Any] = {"fvu": [float(v) for v in recon["eval/fvu"]],
+                           "fvu_total": float(recon["eval/fvu_total"]),
+                           "l0": [float(v) for v in recon["eval/l0"]]}
+    converted = None
+    if model.writes_features and model.nonlinearity.exports_as is None:
+        converted = convert(model, batches=pairs).eval()
+        # FVU is measured on standardized targets: the converted model keeps the trained one's
+        # standardizer, so its FVU compares with the trained FVU (the folded copy's would be a
+        # raw-scale FVU, dominated by the highest-variance dimensions)
+        after = evaluate(converted, pairs)
+        out["exported"] = {"nonlinearity": converted.nonlinearity.kind,
+                           "fvu": [float(v) for v in after["eval/fvu"]],
+                           "fvu_total": float(after["eval/fvu_total"]),
+                           "l0": [float(v) for v in after["eval/l0"]]}
+    return out, converted
+
+
+def _evaluate_without_lm(run_dir: Path, cfg, model, step: int, n_tokens: int,
+                         device: torch.device) -> dict[str, Any]:
+    """Reconstruction metrics of a run whose activations do not come from an LM (a planted
+    dictionary or a plug-in source), on the source's held-out batches."""
+    source = cfg.data.component.build(cfg, device, (0, 1))
     try:
-        cfg, model, step = load_run(run_dir, device)
-    except (ConfigError, CheckpointError, OSError) as exc:
-        raise EvaluationError(str(exc)) from None
-    if cfg.data.source != "lm":
-        raise EvaluationError(f"{run_dir}: replacement metrics need an LM-backed run "
-                              f"(data.source is {cfg.data.source!r})")
-    return cfg, model, step
+        pairs = source.heldout_batches(n_tokens)
+    except ValueError as exc:
+        raise EvaluationError(f"{run_dir}: {n_tokens} held-out tokens cannot be served: "
+                              f"{exc}; evaluate fewer with --tokens") from None
+    finally:
+        source.close()
+    recon, _ = _reconstruction(model, pairs)
+    return {"run": str(run_dir), "step": step, "tokens": sum(x.shape[1] for x, _ in pairs),
+            **recon, "skipped": {"replacement metrics": f"need an LM-backed run (data.source "
+                                 f"is {cfg.data.source!r})"}}
 
 
 def _lm_and_stream(cfg, device: torch.device, batch_size: int):
@@ -370,13 +395,17 @@ def evaluate_run(
     (:func:`clt.export.export_circuit_tracer`; the folder must be absent or empty).
     """
     from .data.lm import lm_activations
-    from .trainer import evaluate
 
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
     run_dir = Path(run_dir)
     device = torch.device(device)
-    cfg, model, step = _load_run(run_dir, device)
+    cfg, model, step = load_run(run_dir, device, error=EvaluationError)
+    if not cfg.data.component.has_lm:
+        if export_dir is not None:
+            raise EvaluationError(f"{run_dir}: --export needs an LM-backed run (data.source is "
+                                  f"{cfg.data.source!r})")
+        return _evaluate_without_lm(run_dir, cfg, model, step, n_tokens, device)
     lm_cfg = cfg.data.lm
     n_prompts = cfg.eval.graph_prompts if graph_prompts is None else graph_prompts
     prompt_len = cfg.eval.graph_prompt_tokens if graph_prompt_tokens is None \
@@ -403,38 +432,22 @@ def evaluate_run(
     for batch in tokens.split(lm_cfg.lm_batch_size):
         x, y = lm_activations(lm, batch, layers, lm_cfg.input_hook, lm_cfg.output_hook)
         pairs.append((x[:, :, 1:].flatten(1, 2), y[:, :, 1:].flatten(1, 2)))  # drop BOS
-    recon = evaluate(model, pairs)
+    recon, converted = _reconstruction(model, pairs)
     result: dict[str, Any] = {
         "run": str(run_dir),
         "step": step,
         "tokens": tokens.shape[0] * (tokens.shape[1] - 1),
-        "fvu": [float(v) for v in recon["eval/fvu"]],
-        "fvu_total": float(recon["eval/fvu_total"]),
-        "l0": [float(v) for v in recon["eval/l0"]],
+        **recon,
     }
     for mode in modes:
         result[mode] = replacement_metrics(lm, model, tokens, layers, lm_cfg.input_hook,
                                            lm_cfg.output_hook, mode,
                                            batch_size=lm_cfg.lm_batch_size)
-    from .model import CrossLayerTranscoder
-
-    exported = None
-    if isinstance(model, CrossLayerTranscoder) and model.nonlinearity in ("topk", "batchtopk"):
-        from .convert import convert
-
-        converted = convert(model, batches=pairs).eval()
-        # FVU is measured on standardized targets: the converted model keeps the trained one's
-        # standardizer, so its FVU compares with the trained FVU (the folded copy's would be a
-        # raw-scale FVU, dominated by the highest-variance dimensions)
-        after = evaluate(converted, pairs)
-        result["exported"] = {"nonlinearity": converted.nonlinearity,
-                              "fvu": [float(v) for v in after["eval/fvu"]],
-                              "fvu_total": float(after["eval/fvu_total"]),
-                              "l0": [float(v) for v in after["eval/l0"]]}
-        exported = converted.folded_copy().eval()  # what the export files hold
+    # what the export files hold
+    exported = None if converted is None else converted.folded_copy().eval()
     # graphs need features that write the MLP outputs (not an SAE) and a transcoder's own
     # encoder/decoder (not a MOLT); a skip connection is a linear path of the graph's model
-    graphable = lm_cfg.output_hook == "hook_mlp_out" and isinstance(model, CrossLayerTranscoder)
+    graphable = lm_cfg.output_hook == "hook_mlp_out" and model.writes_features
     skipped: dict[str, str] = {}
     if "open" in modes and len(prompts) and graphable:
         for prefix, label, scored in (("", "trained model", model),

@@ -43,6 +43,7 @@ import torch
 
 from .model import CrossLayerTranscoder
 from .runs import RunDirError, check_output_dir
+from .trainer import load_run
 
 # Our block-relative hook names -> the transformer-lens names circuit-tracer's configs use
 # (clt.data.lm.HOOK_ALIASES, repeated here so export does not import transformer-lens).
@@ -65,17 +66,16 @@ def _check_exportable(
 ) -> list[int]:
     """Raise ExportError unless ``model`` has a circuit-tracer format; returns the layers.
     ``converted``: check as if a TopK-family model were already converted to JumpReLU."""
-    if not isinstance(model, CrossLayerTranscoder):
-        raise ExportError(f"circuit-tracer has no format for a {type(model).__name__} (MOLT): "
-                          "its transforms are not feature decoder rows")
+    if not model.writes_features:
+        raise ExportError(f"circuit-tracer has no format for a {type(model).__name__}: it has no "
+                          "feature decoder rows")
     L = model.n_layers
-    if model.nonlinearity in ("topk", "batchtopk") and not converted:
+    if model.nonlinearity.exports_as is None and not converted:
         raise ExportError(
-            f"circuit-tracer has no {model.nonlinearity} activation: convert the model to JumpReLU "
+            f"circuit-tracer has no {model.nonlinearity.kind} activation: convert the model to "
+            f"JumpReLU "
             f"first with clt.convert (convert / to_jumprelu with ema_thresholds or "
             f"calibrate_thresholds)")
-    if model.nonlinearity not in ("topk", "batchtopk", "jumprelu", "relu"):
-        raise ExportError(f"cannot export nonlinearity {model.nonlinearity!r}")
     if 1 < model.reach < L:
         raise ExportError(
             f"reach {model.reach} of {L} layers has no circuit-tracer format: it stores either a "
@@ -102,7 +102,7 @@ def _tensors(model: CrossLayerTranscoder, dtype: torch.dtype) -> dict[str, torch
 
     L = model.n_layers
     theta = None
-    if model.nonlinearity == "jumprelu":
+    if model.nonlinearity.exports_as == "jump_relu":
         # the model's own arithmetic: exp in (at least) float32, compared with pre
         lt = model.log_threshold.detach()
         theta = lt.to(torch.promote_types(lt.dtype, torch.float32)).exp()
@@ -139,10 +139,10 @@ def _config(model: CrossLayerTranscoder, input_hook: str, output_hook: str,
     }
     if model_name is not None:
         cfg["model_name"] = model_name
-    if model.nonlinearity == "relu" and not clt:
+    if model.nonlinearity.exports_as == "relu" and not clt:
         cfg["activation"] = "relu"
     cfg.update({
-        "activation_function": "jump_relu" if model.nonlinearity == "jumprelu" else "relu",
+        "activation_function": model.nonlinearity.exports_as,
         "n_layers": model.n_layers,
         "layers": layers,
         "d_model": model.d_in,
@@ -294,18 +294,6 @@ def load_exported(out_dir: str | Path) -> dict[str, Any]:
 # ---- run folders and the command line ------------------------------------------------------
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """``(config, model in eval mode, step)`` of a run folder's latest checkpoint."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .trainer import load_run as load_trained
-
-    try:
-        return load_trained(run_dir, device)
-    except (ConfigError, CheckpointError, OSError) as exc:
-        raise ExportError(str(exc)) from None
-
-
 def _heldout(cfg, device: torch.device, n_tokens: int):
     from .data import build_source
 
@@ -336,12 +324,13 @@ def export_run(
         raise ExportError(f"--tokens must be >= 1, got {n_tokens}")
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)  # before anything loads
-    cfg, model, step = load_run(run_dir, device)
-    kind = model.nonlinearity
-    if threshold == "ema" and kind != "batchtopk":
-        raise ExportError(f"--threshold ema needs a BatchTopK run (this one is {kind!r})")
-    if threshold is not None and kind in ("jumprelu", "relu"):
+    cfg, model, step = load_run(run_dir, device, error=ExportError)
+    nl = model.nonlinearity
+    kind = cfg.nonlinearity.kind
+    if threshold is not None and nl.exports_as is not None:
         raise ExportError(f"--threshold applies to TopK/BatchTopK runs only (this one is {kind!r})")
+    if threshold == "ema" and nl.conversion != "ema":
+        raise ExportError(f"--threshold ema needs a BatchTopK run (this one is {kind!r})")
     if cfg.data.source == "lm":
         input_hook, output_hook = cfg.data.lm.input_hook, cfg.data.lm.output_hook
         model_name = cfg.data.lm.name
@@ -355,9 +344,9 @@ def export_run(
     except ConversionError as exc:
         raise ExportError(str(exc)) from None
     report = conversion_report(model, converted, batches)
-    method = (threshold or ("ema" if kind == "batchtopk" else "calibrate")) \
-        if kind in ("topk", "batchtopk") else "none"
-    log(f"run {run_dir} step {step}: {kind} -> {converted.nonlinearity} (thresholds: {method}), "
+    method = (threshold or nl.conversion) if nl.exports_as is None else "none"
+    log(f"run {run_dir} step {step}: {kind} -> {converted.nonlinearity.kind} (thresholds: "
+        f"{method}), "
         f"{sum(b[0].shape[1] for b in batches)} held-out tokens")
     log(format_report(report))
     export_circuit_tracer(converted, out_dir, input_hook, output_hook, layers,

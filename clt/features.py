@@ -169,7 +169,7 @@ def folded_weights(run: ExportedRun) -> dict[str, Any]:
     ``theta [L, F]`` (None for ReLU) and per source the decoder block ``[F, R_s, d_out]``."""
     model = run.model.folded_copy()
     theta = None
-    if model.nonlinearity == "jumprelu":
+    if model.nonlinearity.exports_as == "jump_relu":
         theta = model.log_threshold.detach().float().exp()
     return {"W_enc": model.W_enc.detach().float(), "b_enc": model.b_enc.detach().float(),
             "theta": theta,
@@ -433,7 +433,7 @@ def write_feature_files(folder: Path, run: ExportedRun, scan: Scan,
             (data / f"l{layer}" / f"b{b}.js").write_text(_js("registerFeatures", block))
     summary = {"run": str(run.run_dir), "step": run.step, "layers": run.layers,
                "n_features": run.model.n_features, "trained": run.kind,
-               "nonlinearity": run.model.nonlinearity, "thresholds": run.thresholds,
+               "nonlinearity": run.model.nonlinearity.kind, "thresholds": run.thresholds,
                "tokens": scan.n_tokens, "sequences": int(scan.tokens.shape[0]),
                "block": BLOCK, "scanned": len(rows)}
     (folder / "index-data.js").write_text(_js("registerIndex", {"summary": summary,

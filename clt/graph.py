@@ -246,7 +246,7 @@ def build_graph(run, tokens: torch.Tensor, node_threshold: float = NODE_THRESHOL
                       str(run.run_dir.resolve()), prompt, node_threshold)
     data["clt"] = {"run": str(run.run_dir), "step": run.step, "layers": run.layers,
                    "n_layers": graph.n_layers, "trained": run.kind,
-                   "nonlinearity": run.model.nonlinearity, "thresholds": run.thresholds,
+                   "nonlinearity": run.model.nonlinearity.kind, "thresholds": run.thresholds,
                    "edge_threshold": edge_threshold, "unpruned_features": graph.n_features}
     return data, graph, pruned
 

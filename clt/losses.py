@@ -6,15 +6,15 @@ All terms share one normalisation so their coefficients are comparable: a sum ov
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 import kernels
 
-from .model import Codes, CrossLayerTranscoder
-from .molt import MixtureOfLinearTransforms
-from .parallel import Mesh
+from .encoder import Codes, SparseEncoder
 
 # Cap on AuxK's k when the config leaves it unset (Gao et al. use 512).
 DEFAULT_AUXK_K = 512
@@ -33,6 +33,7 @@ class LossWeights:
     auxk_k: int | None = None
     dead_tokens: int = 10_000_000
     matryoshka_weights: tuple[float, ...] | None = None  # per prefix; None = equal weights
+    extra: tuple[LossTerm, ...] = ()  # users' terms (loss.extra), each weighted by its coef
 
 
 @dataclass
@@ -177,118 +178,123 @@ def l0_penalty(pre: torch.Tensor, log_threshold: torch.Tensor, bandwidth: float)
     return step.sum(dim=-1).mean(dim=-1).sum()
 
 
-def auxk_loss(
-    model: CrossLayerTranscoder,
-    x: torch.Tensor,
+def auxk_fit(
+    model: SparseEncoder,
+    dead: torch.Tensor,
     y: torch.Tensor,
     yhat: torch.Tensor,
-    weights: LossWeights,
-    mesh: Mesh | None = None,
-) -> torch.Tensor | None:
+    e_aux: torch.Tensor,
+    e: torch.Tensor | None = None,
+) -> torch.Tensor:
     """AuxK: the top ``k_aux`` dead features fit the detached residual ``e = y - yhat``.
 
     Per target layer reached by a dead feature, ``||e - e_aux||^2 / ||e - mean(e)||^2`` (e_aux is
     decoded without bias) times that layer's target variance ``||y - mean(y)||^2 / N``. The factor
     puts the term in the reconstruction loss's units: Gao et al. weigh a normalised aux loss
     against a normalised MSE; ours is unnormalised (summed over ``d_out``), so without it
-    ``alpha`` would be ``~d_out`` times weaker than intended. None when no feature is dead.
-    """
-    dead = model.dead_mask(weights.dead_tokens)
-    codes = model.auxk_codes(x, dead, weights.auxk_k or DEFAULT_AUXK_K)  # k <= dead count
-    if codes is None:
-        return None
-    if isinstance(model, MixtureOfLinearTransforms):  # its transforms act on the input
-        e_aux = model.decode(x, codes, bias=False)
-    else:
-        e_aux = model.decode(codes, bias=False)
-    return auxk_fit(model, dead, y, yhat, e_aux, mesh)
-
-
-def auxk_fit(
-    model: CrossLayerTranscoder,
-    dead: torch.Tensor,
-    y: torch.Tensor,
-    yhat: torch.Tensor,
-    e_aux: torch.Tensor,
-    mesh: Mesh | None = None,
-    e: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """AuxK's normalised fit of the detached residual ``e = y - yhat`` (pass it when computed
-    already) by ``e_aux [L, N, d_out]`` (see :func:`auxk_loss`), summed over the target layers
-    that a dead source feature reaches.
+    ``alpha`` would be ``~d_out`` times weaker than intended. ``e``: the residual when computed
+    already.
 
     With data parallelism the variances are those of the whole batch (all replicas) and the
     replica's share of the numerator is scaled so that the averaged gradients equal one process's.
     """
-    mesh = mesh or Mesh.single()
+    shard = model.shard
     e = (y - yhat).detach() if e is None else e
-    has_dead = mesh.tp_sum(dead.sum(dim=1)) > 0  # [L] over the features of every shard
+    has_dead = model.global_dead_count(dead) > 0  # [L] over the features of every shard
     reached = torch.stack([has_dead[list(model.layout.sources_of(t))].any()
                            for t in range(model.n_layers)])
-    var_e, var_y = batch_variance(e, mesh), batch_variance(y.detach(), mesh)
-    ratio = layer_squared_error(e_aux, e) * mesh.dp_size / var_e.clamp_min(1e-12)
-    scale = var_y / (y.shape[1] * mesh.dp_size)
+    var_e, var_y = batch_variance(e, shard), batch_variance(y.detach(), shard)
+    ratio = layer_squared_error(e_aux, e) * shard.dp_size / var_e.clamp_min(1e-12)
+    scale = var_y / (y.shape[1] * shard.dp_size)
     return (ratio * scale)[reached].sum()
 
 
-def batch_variance(t: torch.Tensor, mesh: Mesh) -> torch.Tensor:
-    """``[L]`` :func:`total_variance` of the batch of all data-parallel replicas (no gradient)."""
-    if mesh.dp_size == 1:
+def batch_variance(t: torch.Tensor, shard) -> torch.Tensor:
+    """``[L]`` :func:`total_variance` of the batch of all data-parallel replicas (no gradient;
+    ``shard``: a ``clt.encoder.Shard``)."""
+    if shard.dp_size == 1:
         return total_variance(t)
     t = t.double()
     n = t.new_tensor([t.shape[1]] * t.shape[0])
-    moments = mesh.dp_sum(torch.stack([t.pow(2).sum(dim=(1, 2)), n]))  # [2, L]
-    s1 = mesh.dp_sum(t.sum(dim=1))  # [L, d]
+    moments = shard.sum_replicas(torch.stack([t.pow(2).sum(dim=(1, 2)), n]))  # [2, L]
+    s1 = shard.sum_replicas(t.sum(dim=1))  # [L, d]
     return (moments[0] - s1.pow(2).sum(dim=-1) / moments[1]).to(torch.float32)
 
 
+@dataclass
+class LossContext:
+    """What an extra loss term sees of one micro-batch (standardized units)."""
+
+    model: SparseEncoder
+    x: torch.Tensor  # [L, N, d_in]
+    y: torch.Tensor  # [L, N, d_out], the target
+    yhat: torch.Tensor  # [L, N, d_out], the reconstruction
+    codes: Codes  # this process's features
+    step: int
+    # sum over every feature shard of a per-process partial (identity in one process); a term
+    # that sums over features must pass its sum through it so every process holds the total
+    sum_features: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LossTerm:
+    """An extra term of the objective (``loss.extra`` in the config: ``{"kind": ..., "coef":
+    ..., <its fields>}``), added as ``coef * term(ctx)`` under the name ``kind``'s last part.
+    Subclasses are dataclasses (their fields are the config arguments) with ``__call__``."""
+
+    coef: float = field(default=1.0, metadata={"help": "Weight of the term, >= 0."})
+
+    kind: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if not self.coef >= 0:
+            raise ValueError(f"coef must be >= 0 (got {self.coef})")
+
+    @property
+    def name(self) -> str:
+        return self.kind.rpartition(":")[2].rpartition(".")[2] or type(self).__name__
+
+    def __call__(self, ctx: LossContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
 def compute_losses(
-    model: CrossLayerTranscoder,
+    model: SparseEncoder,
     x: torch.Tensor,
     y: torch.Tensor,
     weights: LossWeights,
     step: int,
-    mesh: Mesh | None = None,
 ) -> LossOutput:
     """Forward pass and every loss term on standardized ``x [L, N, d_in]``, ``y [L, N, d_out]``.
 
-    ``mesh``: with a feature-sharded model the terms summed over features are summed over the
-    tensor-parallel ranks, so every rank holds the same total (see ``clt.parallel``)."""
-    mesh = mesh or Mesh.single()
-    dead = aux = e_aux = None
-    if model.nonlinearity in ("topk", "batchtopk") and weights.auxk_alpha > 0:
+    A feature-sharded model (``clt.parallel.parallelize``) sums the terms that sum over features
+    over its shards (``model.shard``), so every process holds the same total."""
+    dead = None
+    if model.k is not None and weights.auxk_alpha > 0:  # AuxK: the TopK family
         dead = model.dead_mask(weights.dead_tokens)
-    k_aux = weights.auxk_k or DEFAULT_AUXK_K
-    if isinstance(model, MixtureOfLinearTransforms):  # its transforms act on the input
-        yhat, codes = model(x)
-        prefixes = [yhat]
-        aux = None if dead is None else model.auxk_codes(x, dead, k_aux)
-        e_aux = None if aux is None else model.decode(x, aux, bias=False)
-    else:  # main and AuxK share one encoder op (TopK) and one decode: one gradient each
-        codes, aux = model.encode_with_aux(x, dead, k_aux)
-        prefixes, e_aux = model.outputs(x, codes, aux)
+    # main and AuxK share one encoder op (TopK) and one decode: one gradient each
+    codes, aux = model.encode_with_aux(x, dead, weights.auxk_k or DEFAULT_AUXK_K)
+    prefixes, e_aux = model.outputs(x, codes, aux)
     yhat = prefixes[-1]
-    if model.prefix_bounds is None:
+    if len(prefixes) == 1:
         terms = {"mse": reconstruction_loss(y, yhat)}
     else:
         terms = {"mse": matryoshka_loss(y, prefixes, weights.matryoshka_weights)}
-    needs_norms = weights.sparsity_coef > 0 or (weights.preact_coef > 0 and codes.pre is not None)
+    nl = model.nonlinearity
+    needs_norms = weights.sparsity_coef > 0 or nl.needs_decoder_norms(weights)
     dec_norms = model.decoder_norms() if needs_norms else None
     ramp = sparsity_ramp(step, weights.sparsity_warmup_steps)
     if weights.sparsity_coef > 0:
         penalty = tanh_penalty(codes, dec_norms, weights.sparsity_c)
-        terms["sparsity"] = weights.sparsity_coef * ramp * mesh.tp_sum(penalty)
-    if codes.pre is not None and weights.preact_coef > 0:
-        theta = model.log_threshold.exp() if model.nonlinearity == "jumprelu" else None
-        preact = mesh.tp_sum(preact_loss(codes.pre, theta, dec_norms))
-        terms["preact"] = weights.preact_coef * preact
-    if model.nonlinearity == "jumprelu" and weights.l0_coef > 0:
-        l0 = l0_penalty(codes.pre, model.log_threshold, model.jumprelu_bandwidth)
-        terms["l0"] = weights.l0_coef * ramp * mesh.tp_sum(l0)
+        terms["sparsity"] = weights.sparsity_coef * ramp * model.shard.sum_features(penalty)
+    terms.update(nl.loss_terms(model, codes, weights, ramp, dec_norms))
     e = (y - yhat).detach()  # the residual: AuxK's target and the FVU's numerator
     if e_aux is not None:  # None when no feature is dead
-        aux = auxk_fit(model, dead, y, yhat, e_aux, mesh, e=e)
-        terms["auxk"] = weights.auxk_alpha * aux
+        terms["auxk"] = weights.auxk_alpha * auxk_fit(model, dead, y, yhat, e_aux, e)
+    if weights.extra:
+        ctx = LossContext(model, x, y, yhat, codes, step, model.shard.sum_features)
+        for term in weights.extra:
+            terms[term.name] = term.coef * term(ctx)
     total = torch.stack(list(terms.values())).sum()
     sq_err, var_y = squared_norms(e), total_variance(y)
     return LossOutput(total=total, terms=terms, yhat=yhat, codes=codes, fvu=sq_err / var_y,

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +25,8 @@ from torch import nn
 import kernels
 from kernels import DecoderLayout
 
-from .model import Codes, CrossLayerTranscoder, init_encoder, init_gate_state, layer_rows
+from .encoder import Architecture, Codes, SparseEncoder, layer_rows
+from .nonlinearities import Nonlinearity, make_nonlinearity
 
 DEFAULT_RANKS = (512, 256, 128, 64, 32)
 
@@ -36,7 +39,7 @@ def molt_groups(n: int, ranks: Sequence[int] = DEFAULT_RANKS) -> list[tuple[int,
     return [(int(r), n * 2**i) for i, r in enumerate(ranks)]
 
 
-class MixtureOfLinearTransforms(nn.Module):
+class MixtureOfLinearTransforms(SparseEncoder):
     """Sparse mixture of linear transforms over ``L`` layers.
 
     Parameters: gate encoder ``W_enc [L, d_in, T]``, ``b_enc [L, T]``; per rank group ``U[g]``
@@ -46,29 +49,13 @@ class MixtureOfLinearTransforms(nn.Module):
     inference ``threshold``. ``n_features`` is ``T``: the gate is a dictionary of transforms.
     """
 
-    # The gate is a CLT encoder: the same parameters, nonlinearities, dead-feature statistics and
-    # AuxK candidate search. These methods touch only W_enc, b_enc, the thresholds, the buffers
-    # and decoder_norms(), so they are shared as they are rather than written twice.
-    pre_activations = CrossLayerTranscoder.pre_activations
-    encode = CrossLayerTranscoder.encode
-    _batchtopk = CrossLayerTranscoder._batchtopk
-    _with_encoder_grad = CrossLayerTranscoder._with_encoder_grad
-    _update_threshold = CrossLayerTranscoder._update_threshold
-    _check_inputs = CrossLayerTranscoder._check_inputs
-    dead_mask = CrossLayerTranscoder.dead_mask
-    update_dead_stats = CrossLayerTranscoder.update_dead_stats
-    auxk_codes = CrossLayerTranscoder.auxk_codes
-    auxk_candidates = CrossLayerTranscoder.auxk_candidates
-    reconstruct = CrossLayerTranscoder.reconstruct
-    prefix_bounds = None  # one dictionary of transforms: no Matryoshka prefixes
-
     def __init__(
         self,
         n_layers: int,
         d_in: int,
         d_out: int,
         rank_groups: Sequence[tuple[int, int]],
-        nonlinearity: str = "topk",
+        nonlinearity: str | Nonlinearity = "topk",
         k: int | None = None,
         batchtopk_scope: str = "layer",
         threshold_ema_decay: float = 0.99,
@@ -84,15 +71,16 @@ class MixtureOfLinearTransforms(nn.Module):
             raise ValueError(f"rank_groups must be non-empty [(rank, count), ...] with positive "
                              f"entries, got {rank_groups}")
         n_features = sum(c for _, c in groups)
-        if n_layers < 1 or d_in < 1 or d_out < 1:
-            raise ValueError(f"need n_layers, d_in, d_out >= 1, got {n_layers}, {d_in}, {d_out}")
+        nonlinearity = make_nonlinearity(
+            nonlinearity, k=k, batchtopk_scope=batchtopk_scope,
+            threshold_ema_decay=threshold_ema_decay, rank_by_decoder_norm=rank_by_decoder_norm,
+            jumprelu_init_threshold=jumprelu_init_threshold, jumprelu_bandwidth=jumprelu_bandwidth)
         self.rank_groups = groups
         # per layer, like a PLT: what code written for reach (AuxK's reached layers, checkpoint
         # manifests) reads; there is no W_dec row table behind it
         self.layout = DecoderLayout(n_layers, n_features, reach=1)
         factory = {"dtype": dtype, "device": device}
-        init_encoder(self, n_layers, d_in, d_out, n_features, nonlinearity, k, batchtopk_scope,
-                     threshold_ema_decay, rank_by_decoder_norm, jumprelu_bandwidth, factory)
+        self._init_encoder(n_layers, d_in, d_out, n_features, nonlinearity, factory)
         self.U = nn.ParameterList(
             [nn.Parameter(torch.empty(n_layers, c, d_out, r, **factory)) for r, c in groups]
         )
@@ -100,7 +88,7 @@ class MixtureOfLinearTransforms(nn.Module):
             [nn.Parameter(torch.empty(n_layers, c, r, d_in, **factory)) for r, c in groups]
         )
         self.b_dec = nn.Parameter(torch.zeros(n_layers, d_out, **factory))
-        init_gate_state(self, jumprelu_init_threshold, device)
+        self._init_state(device)
         self.reset_parameters()
 
     @property
@@ -162,31 +150,54 @@ class MixtureOfLinearTransforms(nn.Module):
         one layer of ``x [1, N, d_in]`` and ``codes`` (closed-loop evaluation, with
         ``encode(x, layer=...)``).
         """
-        rows = slice(None) if layer is None else slice(layer, layer + 1)
         self._check_inputs(x, layer)
         Us = [layer_rows(U, layer) for U in self.U]
         Vs = [layer_rows(V, layer) for V in self.V]
         out = kernels.molt_apply(x, codes.values, codes.indices, Us, Vs,
-                                 zero_slot_grad=self._window_slots(codes, rows))
+                                 zero_slot_grad=self.nonlinearity.window_slots(self, codes, layer))
         return out + layer_rows(self.b_dec, layer).unsqueeze(1) if bias else out
 
-    def _window_slots(self, codes: Codes, rows: slice) -> bool | torch.Tensor:
-        """Value-0 slots whose gradient matters: JumpReLU codes hold the entries inside the STE
-        window below the threshold (value 0, gradient needed for the threshold); the other
-        nonlinearities' value-0 slots pass no gradient on. Padding slots (value 0, index 0) are
-        left out, so they do not pile onto transform 0 in the backward."""
-        if self.nonlinearity != "jumprelu" or not torch.is_grad_enabled():
-            return False
-        if codes.pre is None:
-            return True
-        with torch.no_grad():
-            idx = codes.indices.long()
-            log_theta = self.log_threshold[rows]  # exp in at least fp32, as jumprelu_codes
-            theta = log_theta.to(torch.promote_types(log_theta.dtype, torch.float32)).exp()
-            theta = theta.gather(1, idx.flatten(1)).view_as(idx)
-            # the same arithmetic as jumprelu_codes' selection, so every window slot is kept
-            return codes.pre.gather(-1, idx) - theta > -self.jumprelu_bandwidth / 2
+    def outputs(
+        self, x: torch.Tensor, codes: Codes, aux: Codes | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """``([yhat], e_aux)``: the output and the bias-free output of the AuxK codes' transforms
+        (None without them); the transforms act on the input, so both read ``x``."""
+        e_aux = None if aux is None else self.decode(x, aux, bias=False)
+        return [self.decode(x, codes)], e_aux
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Codes]:
         codes = self.encode(x)
         return self.decode(x, codes), codes
+
+
+@dataclass
+class MOLT(Architecture):
+    """A sparse mixture of low-rank linear transforms per layer: the nonlinearity gates the
+    transforms; ``model.n_features`` is the number of transforms. One process only."""
+
+    molt_rank_groups: list[list[int]] = field(metadata={"help": (
+        "MOLT transforms as [[rank, count], ...], e.g. [[64, 16], [32, 32], [16, 64], [8, 128]]; "
+        "the counts must sum to n_features.")})
+
+    def __post_init__(self) -> None:
+        if not self.molt_rank_groups or any(len(g) != 2 or min(g) < 1
+                                            for g in self.molt_rank_groups):
+            raise ValueError(f"molt_rank_groups must be non-empty [[rank, count], ...] with "
+                             f"positive entries (got {self.molt_rank_groups})")
+
+    def build(self, n_layers: int, d_in: int, d_out: int, n_features: int,
+              nonlinearity: Nonlinearity, device: Any) -> MixtureOfLinearTransforms:
+        return MixtureOfLinearTransforms(n_layers, d_in, d_out,
+                                         [tuple(g) for g in self.molt_rank_groups],
+                                         nonlinearity=nonlinearity, device=device)
+
+    def config_problems(self, cfg: Any) -> list[tuple[str, str]]:
+        total = sum(count for _, count in self.molt_rank_groups)
+        problems = []
+        if total != cfg.model.n_features:
+            problems.append(("model.n_features", f"must equal the number of MOLT transforms, "
+                             f"{total} (the counts of model.molt_rank_groups) "
+                             f"(got {cfg.model.n_features})"))
+        if cfg.loss.matryoshka_weights is not None:
+            problems.append(("loss.matryoshka_weights", "not available for a MOLT"))
+        return problems

@@ -12,7 +12,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -20,10 +19,9 @@ import torch
 
 import kernels
 
+from .encoder import SparseEncoder
 from .losses import LossOutput, LossWeights, compute_losses
-from .model import CrossLayerTranscoder
-from .molt import MixtureOfLinearTransforms
-from .parallel import GradSync, Mesh, ShardedCLT, clip_grad_norm
+from .parallel import GradSync, Mesh, clip_grad_norm, parallelize
 
 if TYPE_CHECKING:  # pydantic stays off the import path of the step itself (GPU bench machines)
     from .config import Config, TrainConfig
@@ -46,34 +44,23 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(
     cfg: Config, d_in: int, d_out: int, device: torch.device, mesh: Mesh | None = None
-) -> CrossLayerTranscoder | MixtureOfLinearTransforms:
-    """The transcoder (or MOLT) of a config; in a multi-process ``mesh``, this rank's feature
-    shard (all features without tensor parallelism: BatchTopK still selects over every
-    replica's tokens)."""
+) -> SparseEncoder:
+    """The config's architecture with its nonlinearity, built whole (every process draws the
+    same initial weights from the same seed); in a multi-process ``mesh``, then cut to this
+    rank's feature shard by ``clt.parallel.parallelize``."""
     n_layers = cfg.n_layers
     if n_layers is None:
         raise ValueError("the number of trained layers is unknown: set model.layers")
-    nl = cfg.nonlinearity
-    gate = {"nonlinearity": nl.kind, "k": nl.k, "batchtopk_scope": nl.batchtopk_scope,
-            "threshold_ema_decay": nl.threshold_ema_decay,
-            "rank_by_decoder_norm": nl.rank_by_decoder_norm,
-            "jumprelu_init_threshold": nl.jumprelu_init_threshold,
-            "jumprelu_bandwidth": nl.jumprelu_bandwidth, "device": device}
-    if cfg.model.architecture == "molt":
-        return MixtureOfLinearTransforms(n_layers, d_in, d_out, cfg.model.molt_rank_groups,
-                                         **gate)
-    sharded = mesh is not None and mesh.world_size > 1
-    cls = partial(ShardedCLT, mesh) if sharded else CrossLayerTranscoder
-    return cls(n_layers=n_layers, d_in=d_in, d_out=d_out, n_features=cfg.model.n_features,
-               reach=cfg.model.reach, skip=cfg.model.skip, prefix_bounds=cfg.prefix_bounds,
-               **gate)
+    model = cfg.model.component.build(n_layers, d_in, d_out, cfg.model.n_features,
+                                      cfg.nonlinearity.build(), device)
+    return model if mesh is None else parallelize(model, mesh)
 
 
 def loss_weights(cfg: Config) -> LossWeights:
-    values = cfg.loss.model_dump()
+    values = cfg.loss.model_dump(exclude={"extra"})
     if values["matryoshka_weights"] is not None:
         values["matryoshka_weights"] = tuple(values["matryoshka_weights"])
-    return LossWeights(**values)
+    return LossWeights(**values, extra=tuple(term.build() for term in cfg.loss.extra))
 
 
 def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
@@ -109,7 +96,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, tcfg: TrainConfig):
 
 
 def standardized_batches(
-    model: CrossLayerTranscoder, source: ActivationStream, n: int
+    model: SparseEncoder, source: ActivationStream, n: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless standardized batches from a source, on the model's device."""
     device = model.W_enc.device
@@ -142,7 +129,7 @@ def recycle_grads(model: torch.nn.Module) -> None:
 
 
 def train_step(
-    model: CrossLayerTranscoder,
+    model: SparseEncoder,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
@@ -170,7 +157,7 @@ def train_step(
     for micro in range(tcfg.grad_accum):
         x, y = next(batches)
         with autocast(device, tcfg.mixed_precision):
-            out = compute_losses(model, x, y, weights, step, mesh)
+            out = compute_losses(model, x, y, weights, step)
         loss = out.total / tcfg.grad_accum
         if grad_sync is not None and micro == tcfg.grad_accum - 1:
             grad_sync.arm()
@@ -283,7 +270,7 @@ def frequency_histogram(freq: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(
-    model: CrossLayerTranscoder, batches: list[tuple[torch.Tensor, torch.Tensor]],
+    model: SparseEncoder, batches: list[tuple[torch.Tensor, torch.Tensor]],
     mesh: Mesh | None = None,
 ) -> dict[str, torch.Tensor]:
     """Held-out metrics in eval mode: FVU per layer and total (ratios of sums over all tokens),
@@ -374,17 +361,31 @@ def new_run_dir(cfg: Config) -> Path:
     return Path(cfg.logging.run_dir) / name
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", warn=None):
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", warn=None,
+             error: type[Exception] | None = None):
     """``(config, model in eval mode, step)`` of a run folder's newest checkpoint that verifies
     (a newer corrupted one is skipped with a ``warn`` line, default stderr).
 
     Raises ``CheckpointError`` (missing folder, config or checkpoint; a checkpoint that does not
-    fit its config) or ``ConfigError`` (an invalid ``config.json``).
+    fit its config), ``ConfigError`` (an invalid ``config.json``) or an ``OSError``; with
+    ``error``, any of them as that exception class, with the same one-line message (what the
+    evaluation, export and page commands report).
     """
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    if error is None:
+        return _load_run(Path(run_dir), device, warn)
+    try:
+        return _load_run(Path(run_dir), device, warn)
+    except (ConfigError, CheckpointError, OSError) as exc:
+        raise error(str(exc)) from None
+
+
+def _load_run(run_dir: Path, device: str | torch.device, warn):
     from .checkpoint import CheckpointError, check_compatible, latest_good_checkpoint
     from .config import load_config
 
-    run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run folder")
     cfg = load_config(run_dir / "config.json")

@@ -214,7 +214,7 @@ BAD = [
     ("molt-count-mismatch", ["model.architecture=molt", "model.molt_rank_groups=[[8,4]]"],
      "model.n_features"),
     ("molt-bad-group", ["model.architecture=molt", "model.molt_rank_groups=[[8]]"],
-     "model.molt_rank_groups[0]"),
+     "model.molt_rank_groups"),
     ("molt-skip", ["model.architecture=molt", "model.molt_rank_groups=[[8,64]]",
                    "model.skip=true"], "model.skip"),
     ("molt-tensor-parallel", ["model.architecture=molt", "model.molt_rank_groups=[[8,64]]",

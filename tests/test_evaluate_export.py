@@ -95,7 +95,7 @@ def test_exported_scores_equal_scores_of_the_model_loaded_back(tmp_path):
     assert exported["fvu_total"] == pytest.approx(report["after"]["fvu_total"], rel=1e-5)
 
     back, layers, hooks = from_circuit_tracer(out)
-    assert layers == [0, 1] and back.nonlinearity == "jumprelu"
+    assert layers == [0, 1] and back.nonlinearity.kind == "jumprelu"
     lm, stream = _lm_and_stream(cfg, torch.device("cpu"), 3)
     prompts = next(iter(stream))[:, :9]
     again = attribution_scores(lm, back, prompts, layers, *hooks)

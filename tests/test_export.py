@@ -46,7 +46,7 @@ def make(kind="jumprelu", reach=None, dtype=torch.float64, d_in=D, d_out=D, n_fe
 def fitted(model, seed=5):
     """A non-trivial standardizer and biases, and spread-out JumpReLU thresholds."""
     fit_random_standardizer(model, seed)
-    if model.nonlinearity == "jumprelu":
+    if model.nonlinearity.kind == "jumprelu":
         g = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             model.log_threshold.copy_(torch.empty(L, model.n_features).uniform_(
@@ -199,7 +199,7 @@ def test_batchtopk_ema_conversion_gives_the_eval_codes(tmp_path):
         model.threshold_updates.fill_(10)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         jr = to_jumprelu(model, ema_thresholds(model)).eval()
-        assert jr.nonlinearity == "jumprelu" and model.nonlinearity == "batchtopk"
+        assert jr.nonlinearity.kind == "jumprelu" and model.nonlinearity.kind == "batchtopk"
         assert jr.log_threshold.dtype == torch.float32
         for name, value in model.state_dict().items():
             assert torch.equal(value, before[name]), name
@@ -241,7 +241,7 @@ def test_topk_calibration_matches_k_on_held_out_tokens():
     # an explicit target and a BatchTopK model go through the same path
     half = calibrate_thresholds(model, calibration, target_l0=2.0)
     assert bool((half > theta).all())
-    assert convert(model, "calibrate", calibration).nonlinearity == "jumprelu"
+    assert convert(model, "calibrate", calibration).nonlinearity.kind == "jumprelu"
     bt = make("batchtopk", dtype=torch.float32, n_features=32, k=4)
     bt.load_state_dict(model.state_dict())
     bt_jr = convert(bt.eval(), "calibrate", calibration)  # target: BatchTopK's own L0 (= k here)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from _testing import fit_random_standardizer
 
-from clt.losses import LossWeights, auxk_loss, compute_losses
+from clt.losses import DEFAULT_AUXK_K, LossWeights, auxk_fit, compute_losses
 from clt.model import CrossLayerTranscoder
 from clt.standardize import RunningMoments, Standardizer
 
@@ -38,19 +38,19 @@ def dense_decoder(model):
 def dense_activation(model, x):
     """Dense float64 reference of each nonlinearity: ``[L, N, F]``."""
     pre = torch.einsum("lnd,ldf->lnf", x, model.W_enc) + model.b_enc[:, None]
-    if model.nonlinearity == "topk":
+    if model.nonlinearity.kind == "topk":
         idx = pre.detach().topk(model.k, dim=-1).indices
         mask = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, idx, True)
         return torch.relu(pre) * mask
-    if model.nonlinearity == "batchtopk":
+    if model.nonlinearity.kind == "batchtopk":
         flat = pre.detach().reshape(L, -1)
         order = torch.sort(flat, dim=1, descending=True, stable=True).indices
         n_keep = x.shape[1] * model.k
         mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order[:, :n_keep], True)
         return torch.relu(pre) * mask.view_as(pre)
-    if model.nonlinearity == "jumprelu":
+    if model.nonlinearity.kind == "jumprelu":
         theta = model.log_threshold.exp()[:, None]
-        eps = model.jumprelu_bandwidth
+        eps = model.nonlinearity.jumprelu_bandwidth
         # pre * H(pre - theta) plus a zero-valued term whose theta-derivative is the STE's
         # -(theta/eps) * rect((pre - theta)/eps); H itself has no gradient
         step = (pre > theta).to(pre.dtype)
@@ -173,6 +173,15 @@ def test_batchtopk_threshold_ema_and_inference():
     pre = model.pre_activations(x1)
     expected = (pre > model.threshold.view(L, 1, 1)).sum(-1)
     assert torch.equal((codes.values > 0).sum(-1), expected)
+
+
+def auxk_loss(model, x, y, yhat, weights):
+    """The AuxK term alone: the top k_aux dead features fit the residual, decoded bias-free."""
+    dead = model.dead_mask(weights.dead_tokens)
+    codes = model.auxk_codes(x, dead, weights.auxk_k or DEFAULT_AUXK_K)
+    if codes is None:
+        return None
+    return auxk_fit(model, dead, y, yhat, model.decode(codes, bias=False))
 
 
 def test_auxk_absent_when_nothing_dead():

@@ -320,15 +320,15 @@ def make_model(nonlinearity, dtype=F64, **kw):
 
 def dense_gate_of(model, pre):
     """The gate as a dense ``[L, N, T]`` tensor, by each nonlinearity's definition."""
-    if model.nonlinearity == "topk":
+    if model.nonlinearity.kind == "topk":
         keep = torch.zeros_like(pre).scatter(-1, pre.topk(model.k, dim=-1).indices, 1.0)
         return torch.relu(pre) * keep
-    if model.nonlinearity == "batchtopk":
+    if model.nonlinearity.kind == "batchtopk":
         flat = pre.flatten(1)
         keep = torch.zeros_like(flat).scatter(-1, flat.topk(pre.shape[1] * model.k).indices, 1.0)
         return torch.relu(pre) * keep.view_as(pre)
-    if model.nonlinearity == "jumprelu":  # the dense op, with its STE into the thresholds
-        return kernels.jumprelu(pre, model.log_threshold, model.jumprelu_bandwidth)
+    if model.nonlinearity.kind == "jumprelu":  # the dense op, with its STE into the thresholds
+        return kernels.jumprelu(pre, model.log_threshold, model.nonlinearity.jumprelu_bandwidth)
     return torch.relu(pre)
 
 
@@ -344,7 +344,7 @@ def test_model_forward_and_gradients_match_dense_model(nonlinearity):
     if nonlinearity == "jumprelu":
         with torch.no_grad():  # thresholds near the pre-activations: some inside the window
             model.log_threshold.copy_(torch.empty_like(model.log_threshold).uniform_(-2.5, -0.5))
-        model.jumprelu_bandwidth = 0.3
+        model.nonlinearity.jumprelu_bandwidth = 0.3
     x = torch.randn(L_, N_, D_IN, dtype=F64, requires_grad=True)
     upstream = torch.randn(L_, N_, D_OUT, dtype=F64)
     params = [x] + [p for p in model.parameters()]
@@ -365,7 +365,7 @@ def test_model_forward_and_gradients_match_dense_model(nonlinearity):
         inside = codes.pre - model.log_threshold.exp().unsqueeze(1) > -0.15
         real = torch.arange(codes.values.shape[2]) < inside.sum(-1, keepdim=True)
         assert (~real).any() and (codes.values[real] == 0).any()
-        slots = model._window_slots(codes, slice(None))
+        slots = model.nonlinearity.window_slots(model, codes, None)
         assert torch.equal(slots, real | inside[..., :1])
 
 

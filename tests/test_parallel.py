@@ -26,10 +26,10 @@ from clt.model import CrossLayerTranscoder
 from clt.parallel import (
     GradSync,
     Mesh,
-    ShardedCLT,
     clip_grad_norm,
     merge_tensors,
     mesh_from_group,
+    parallelize,
     select_top,
     shard_model_state,
     shard_optimizer_state,
@@ -116,12 +116,8 @@ def spawn(job: str, tmp_path: Path, tp: int, world: int = 2) -> list:
     return [torch.load(tmp_path / f"out{r}.pt", weights_only=False) for r in range(world)]
 
 
-def sharded_model(case, mesh: Mesh, full: CrossLayerTranscoder) -> ShardedCLT:
-    kwargs = model_kwargs(case)
-    model = ShardedCLT(mesh, **kwargs)
-    model.load_state_dict(shard_model_state(full.state_dict(), mesh.tp_rank, mesh.tp_size,
-                                            layout(case)))
-    return model
+def sharded_model(case, mesh: Mesh, full: CrossLayerTranscoder) -> CrossLayerTranscoder:
+    return parallelize(full, mesh)
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -136,7 +132,7 @@ def _tp_job(mesh: Mesh, folder: Path) -> list[dict]:
     for i, case in enumerate(CASES):
         model = sharded_model(case, mesh, full_model(case, seed=i))
         x, y = batch(100 + i)
-        out = compute_losses(model, x, y, WEIGHTS, step=3, mesh=mesh)
+        out = compute_losses(model, x, y, WEIGHTS, step=3)
         out.total.backward()
         result = {"total": out.total.detach(), "terms": {k: v.detach() for k, v in
                                                           out.terms.items()},
@@ -245,7 +241,7 @@ CKPT_CASE = CASES[0]
 def _adam_step(model: torch.nn.Module, mesh: Mesh | None = None):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = batch(7)
-    compute_losses(model, x, y, WEIGHTS, step=1, mesh=mesh).total.backward()
+    compute_losses(model, x, y, WEIGHTS, step=1).total.backward()
     optimizer.step()
     return optimizer
 
@@ -266,7 +262,7 @@ def _save_job(mesh: Mesh, folder: Path) -> dict:
 
 def _load_job(mesh: Mesh, folder: Path) -> dict:
     state = load_checkpoint(latest_checkpoint(folder / "run"))
-    model = ShardedCLT(mesh, **model_kwargs(CKPT_CASE))
+    model = parallelize(CrossLayerTranscoder(**model_kwargs(CKPT_CASE)), mesh)
     model.load_state_dict(shard_model_state(state["model"], mesh.tp_rank, 2, layout(CKPT_CASE)))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     optimizer.load_state_dict(shard_optimizer_state(

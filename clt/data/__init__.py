@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from .synthetic import PlantedDictionary
 
 # Byte-level ids for the randomly initialised "tiny" LM (d_vocab 260): bytes, then BOS and SEP.
 TINY_BOS, TINY_SEP = 256, 257
@@ -23,17 +22,18 @@ def _byte_ids(text: str) -> list[int]:
 
 
 def build_source(cfg: Config, device: torch.device, shard: tuple[int, int] = (0, 1)):
-    """The activation source a config asks for; ``shard = (i, n)``: the i-th of n disjoint
-    training streams (one per process of a parallel run), the held-out data is shared.
+    """The activation stream of the config's source component (``clt.data.sources``);
+    ``shard = (i, n)``: the i-th of n processes of a parallel run (the held-out data is
+    shared)."""
+    return cfg.data.component.build(cfg, device, shard)
 
-    Returns an object with ``d_in``, ``d_out``, ``next_batch(n)``, ``heldout_batches(n)``,
-    ``state_dict()``, ``load_state_dict()`` and ``close()``: a :class:`PlantedDictionary` or an
-    LM-backed :class:`~clt.data.activations.ActivationSource`. With ``data.lm.cache_dir`` set,
-    activations come from a matching on-disk cache while it lasts, and the LM (the embedded or
-    tiny one) is loaded only when activations must be computed.
+
+def lm_source(cfg: Config, device: torch.device, shard: tuple[int, int] = (0, 1)):
+    """An LM-backed :class:`~clt.data.activations.ActivationSource` (``data.lm``): disjoint
+    training token streams per process. With ``data.lm.cache_dir`` set, activations come from a
+    matching on-disk cache while it lasts, and the LM (the embedded or tiny one) is loaded only
+    when activations must be computed.
     """
-    if cfg.data.source == "synthetic":
-        return PlantedDictionary(**cfg.data.synthetic.model_dump(), shard=shard[0])
     from .activations import ActivationSource
     from .cache import ActivationCache
     from .lm import SMOLLM2_NAME, activation_widths, load_lm, load_tokenizer

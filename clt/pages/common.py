@@ -122,27 +122,21 @@ def load_run_as_exported(run_dir: str | Path, device: str | torch.device = "cpu"
     """Load ``run_dir``'s latest checkpoint and convert it as ``clt.export`` does.
 
     ``check(cfg, model)`` runs before the LM is loaded (to refuse bad options early)."""
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
     from ..convert import ConversionError, convert
     from ..data import TINY_BOS, TINY_SEP, _byte_ids
     from ..data.lm import lm_activations, load_lm
     from ..data.tokens import TokenStream
-    from ..model import CrossLayerTranscoder
     from ..trainer import load_run
 
     run_dir = Path(run_dir)
     device = torch.device(device)
     if not run_dir.is_dir():
         raise PagesError(f"{run_dir}: no such run folder")
-    try:
-        cfg, model, step = load_run(run_dir, device)
-    except (ConfigError, CheckpointError, OSError) as exc:
-        raise PagesError(str(exc)) from None
+    cfg, model, step = load_run(run_dir, device, error=PagesError)
     if cfg.data.source != "lm":
         raise PagesError(f"{run_dir}: pages need an LM-backed run (data.source is "
                          f"{cfg.data.source!r})")
-    if not isinstance(model, CrossLayerTranscoder):
+    if not model.writes_features:
         raise PagesError(f"{run_dir}: pages need a transcoder's own features, this run is a "
                          f"{type(model).__name__}")
     if check is not None:
@@ -165,10 +159,10 @@ def load_run_as_exported(run_dir: str | Path, device: str | torch.device = "cpu"
                            seed=cfg.train.seed, split="heldout", loop=False, **ids)
 
     layers = cfg.resolved_layers or list(range(lm.cfg.n_layers))
-    kind = model.nonlinearity
-    method = "none"
+    kind = cfg.nonlinearity.kind
+    method = "none" if model.nonlinearity.exports_as is not None else model.nonlinearity.conversion
     batches = None
-    if kind == "topk":
+    if method == "calibrate":
         # clt.export's calibration tokens: the first EXPORT_TOKENS non-BOS held-out activations
         method = "calibrate"
         buffer = torch.bfloat16 if lm_cfg.buffer_dtype == "bfloat16" else torch.float32
@@ -183,13 +177,11 @@ def load_run_as_exported(run_dir: str | Path, device: str | torch.device = "cpu"
             raise PagesError(f"{run_dir}: the held-out split has only {total} tokens, "
                              f"{EXPORT_TOKENS} are needed to calibrate the JumpReLU thresholds")
         batches = [torch.cat(xs, dim=1)[:, :EXPORT_TOKENS]]
-    elif kind == "batchtopk":
-        method = "ema"
     try:
         converted = convert(model, None if method == "none" else method, batches)
     except ConversionError as exc:
         raise PagesError(str(exc)) from None
-    log(f"run {run_dir} step {step}: {kind} -> {converted.nonlinearity} "
+    log(f"run {run_dir} step {step}: {kind} -> {converted.nonlinearity.kind} "
         f"(thresholds: {method})")
     bos = ids.get("bos_id")
     if bos is None:

@@ -1,0 +1,4 @@
+"""A worked plug-in package for the CLT trainer: a nonlinearity, an activation source and an
+extra loss term, each named in ``examples/plugins/config.json`` by import path. The trainer never
+imports this package itself; it only has to be importable (here: ``PYTHONPATH=examples/plugins``;
+for a package of your own, ``pip install -e .``)."""

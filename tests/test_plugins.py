@@ -1,0 +1,132 @@
+"""The worked plug-in package in ``examples/plugins`` (a nonlinearity, an activation source and a
+loss term named by import path) trains through ``train.py``, resumes exactly, evaluates, and
+trains under torchrun with tensor parallelism to the single process's weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clt.checkpoint import latest_checkpoint
+from clt.trainer import load_run
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGINS = ROOT / "examples" / "plugins"
+
+
+def run(*args: str, torchrun: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(PLUGINS), "CLT_FORCE_TORCH": "1",
+           "OMP_NUM_THREADS": "1"}
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] \
+        if torchrun else []
+    return subprocess.run([sys.executable, *launcher, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory) -> tuple[Path, Path]:
+    """(config, runs folder): the example config on freshly written .npy activations."""
+    tmp = tmp_path_factory.mktemp("plugins")
+    made = run(str(PLUGINS / "make_data.py"), str(tmp / "data"), "--tokens", "2048")
+    assert made.returncode == 0, made.stderr
+    cfg = json.loads((PLUGINS / "config.json").read_text())
+    cfg["data"]["args"] = {"folder": str(tmp / "data"), "heldout_tokens": 256}
+    cfg["data"]["standardize_tokens"] = 512
+    # a constant rate after warmup: a 4-step run resumed to 8 then follows the 8-step schedule
+    cfg["train"].update(steps=8, warmup_steps=2, batch_tokens=128, decay="constant")
+    cfg["eval"].update(every=4, tokens=256)
+    cfg["checkpoint"]["every"] = 4
+    cfg["loss"]["dead_tokens"] = 128  # a feature silent for one step is dead: AuxK runs
+    cfg["logging"]["run_dir"] = str(tmp / "runs")
+    config = tmp / "config.json"
+    config.write_text(json.dumps(cfg))
+    return config, tmp / "runs"
+
+
+@pytest.fixture(autouse=True)
+def plugins_importable(monkeypatch):
+    """This process loads the runs too: the plug-in package must be importable here as well."""
+    monkeypatch.syspath_prepend(str(PLUGINS))
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    _, model, step = load_run(run_dir)
+    assert step == 8
+    return model.state_dict()
+
+
+def test_the_project_does_not_import_the_plugins():
+    code = ("import sys, train, clt.evaluate, clt.export, clt.graph, clt.features; "
+            "print(any(m.startswith('my_plugins') for m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(PLUGINS)})
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_plugins_train_resume_and_evaluate(example):
+    config, runs = example
+    whole = run("train.py", str(config), "--set", "logging.run_name=whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "my_plugins.nonlinearity:FlooredTopK" in whole.stdout
+    saved = json.loads((runs / "whole" / "config.json").read_text())
+    assert saved["nonlinearity"] == {"kind": "my_plugins.nonlinearity:FlooredTopK", "k": 4,
+                                     "rank_by_decoder_norm": False, "floor": 0.05}
+    assert saved["data"]["source"] == "my_plugins.source:NpySource"
+    metrics = [json.loads(line) for line in (runs / "whole" / "metrics.jsonl").open()]
+    assert all("loss/WeightedL1" in m for m in metrics if "loss" in m)
+    assert any("loss/auxk" in m for m in metrics if "loss" in m)
+
+    part = run("train.py", str(config), "--set", "logging.run_name=part",
+               "--set", "train.steps=4")
+    assert part.returncode == 0, part.stderr[-3000:]
+    resumed = run("train.py", "--resume", str(runs / "part"), "--set", "train.steps=8")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "from step 5" in resumed.stdout
+    a, b = final_weights(runs / "whole"), final_weights(runs / "part")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    evaluated = run("-m", "clt.evaluate", str(runs / "whole"), "--tokens", "256")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "FVU total (exported JumpReLU)" in evaluated.stdout
+    assert "skipped: replacement metrics" in evaluated.stdout
+
+
+def test_plugins_under_tensor_parallelism_match_one_process(example):
+    config, runs = example
+    single = runs / "whole"
+    if not latest_checkpoint(single):
+        assert run("train.py", str(config), "--set", "logging.run_name=whole").returncode == 0
+    done = run("train.py", str(config), "--set", "logging.run_name=tp2",
+               "--set", "parallel.tensor=2", torchrun=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tensor=2 x data=1" in done.stdout
+    a, b = final_weights(single), final_weights(runs / "tp2")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=2e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("override, line", [
+    ("nonlinearity.floor=-1", "config error: nonlinearity.floor: must be >= 0 (got -1.0)"),
+    ("nonlinearity.flor=1", "config error: nonlinearity.flor: is not an argument of "
+                            "my_plugins.nonlinearity:FlooredTopK"),
+    ("data.args.folder=/nonexistent", "config error: data.args.folder: cannot be read"),
+    ("loss.extra=[{\"kind\": \"my_plugins.loss:Nope\"}]",
+     "config error: loss.extra[0].kind: loss term 'my_plugins.loss:Nope': my_plugins.loss has "
+     "no 'Nope'"),
+])
+def test_bad_plugin_arguments_are_one_config_line(example, override, line, capsys):
+    import train
+
+    config, _ = example
+    with pytest.raises(SystemExit) as exit_:
+        train.main([str(config), "--set", override])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith(line) and len(err.splitlines()) == 1, err
