@@ -22,7 +22,6 @@ from clt.model import Codes
 from clt.molt import MixtureOfLinearTransforms, molt_groups
 from kernels import molt as molt_mod
 from kernels import molt_apply
-from kernels.compile_check import CompileJob, compile_for_gpu
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 
@@ -240,49 +239,6 @@ def test_bad_inputs_raise():
         idx_bad[1, 2, 0] = bad
         with pytest.raises(ValueError, match=r"transform ids must be in \[0, 3\)"):
             molt_apply(x, v, idx_bad, Us, Vs)
-
-
-def _compile_jobs(arch: int) -> list[CompileJob]:
-    """Every kernel variant the launchers use, at the GPU block sizes, fp32 and bf16."""
-    m = molt_mod
-    ints = {"tile0": "i32", "e0": "i32", "a_base": "i32", "out_base": "i32", "KD": "i32",
-            "C": "i32", "stride_be": "i32", "stride_bk": "i32", "stride_bc": "i32"}
-    jobs = []
-    for w, precisions in (("*fp32", ("tf32", "ieee")), ("*bf16", ("tf32",))):
-        for precision in precisions:
-            # gathered x / grad_y rows (h, gu), and pair-major fp32 h / gh (z, grad_x pairs)
-            for gather, scale, a in ((True, False, w), (False, True, "*fp32")):
-                sig = {"a_ptr": a, "b_ptr": w, "out_ptr": "*fp32", "tok_ptr": "*i64",
-                       "scale_ptr": w, "seg_ptr": "*i64", "tile_e_ptr": "*i64",
-                       "tile_p_ptr": "*i64", **ints}
-                blocks = m.gemm_blocks(m.GEMM_BLOCKS_GPU, precision)
-                jobs.append(CompileJob(m._molt_gemm_kernel, sig, dict(
-                    GATHER_A=gather, SCALE=scale, PRECISION=precision, UPCAST=a != w, **blocks),
-                    arch))
-            # grad_U (gathered grad_y, scaled, with h) and grad_V (gh with gathered x)
-            for ga, gc, scale, a, c in ((True, False, True, w, "*fp32"),
-                                        (False, True, False, "*fp32", w)):
-                sig = {"a_ptr": a, "c_ptr": c, "scale_ptr": w, "tok_ptr": "*i64",
-                       "seg_ptr": "*i64", "out_ptr": w, "e0": "i32", "a_base": "i32",
-                       "c_base": "i32", "I": "i32", "J": "i32"}
-                jobs.append(CompileJob(m._molt_wgrad_kernel, sig, dict(
-                    GATHER_A=ga, GATHER_C=gc, SCALE=scale, PRECISION=precision, UPCAST=a != c,
-                    **m.WGRAD_BLOCKS_GPU), arch))
-        jobs.append(CompileJob(m._molt_combine_kernel, {"buf_ptr": "*fp32", "pos_ptr": "*i64",
-                                                        "out_ptr": w, "R": "i32", "K": "i32",
-                                                        "C": "i32"},
-                               dict(m.COMBINE_BLOCKS_GPU), arch))
-    return jobs
-
-
-def test_kernels_compile_for_sm80_sm90_without_spills():
-    jobs = _compile_jobs(80) + _compile_jobs(90)
-    usages = compile_for_gpu(jobs)
-    report = [f"{u.name} {j.signature['a_ptr' if 'a_ptr' in j.signature else 'out_ptr']} "
-              f"{j.constexprs}: {u.registers} regs, stack {u.stack_bytes}, spill {u.spill_bytes}"
-              for j, u in zip(jobs, usages, strict=True)]
-    print("\n".join(report))
-    assert all(u.spill_bytes == 0 and u.stack_bytes == 0 for u in usages), "\n".join(report)
 
 
 @pytest.mark.gpu
