@@ -267,11 +267,11 @@ def test_evaluate_run_on_a_tiny_run(runs):
 
 def test_evaluate_run_graph_scores_are_the_mean_over_held_out_prompts(runs):
     from clt.attribution import attribute, graph_scores
-    from clt.evaluate import _lm_and_stream, _load_run, evaluate_run
+    from clt.evaluate import _lm_and_stream, evaluate_run, load_run
 
     result = evaluate_run(runs[0], n_tokens=16, modes=("open",), graph_prompts=6,
                           graph_prompt_tokens=9)
-    cfg, model, _ = _load_run(runs[0], torch.device("cpu"))
+    cfg, model, _ = load_run(runs[0], torch.device("cpu"))
     lm, stream = _lm_and_stream(cfg, torch.device("cpu"), 6)
     prompts = next(iter(stream))[:, :9]
     assert prompts.shape == (6, 9) and (prompts[:, 0] == BOS).all()

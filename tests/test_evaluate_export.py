@@ -19,7 +19,7 @@ from clt.convert import (
 )
 from clt.data.lm import lm_activations
 from clt.data.synthetic import PlantedDictionary
-from clt.evaluate import _lm_and_stream, _load_run, evaluate_run, main
+from clt.evaluate import _lm_and_stream, evaluate_run, load_run, main
 from clt.model import CrossLayerTranscoder
 
 
@@ -86,7 +86,7 @@ def test_exported_scores_equal_scores_of_the_model_loaded_back(tmp_path):
     # per-feature calibration on these very tokens: each layer's L0 is the trained one
     assert exported["l0"] == pytest.approx(result["l0"], abs=1e-6)
     # the exported FVU is the conversion's, on the trained model's standardized targets
-    cfg, model, _ = _load_run(run_dir, torch.device("cpu"))
+    cfg, model, _ = load_run(run_dir, torch.device("cpu"))
     lm, stream = _lm_and_stream(cfg, torch.device("cpu"), 4)
     x, y = lm_activations(lm, next(iter(stream)), [0, 1], "hook_mlp_in", "hook_mlp_out")
     pairs = [(x[:, :, 1:].flatten(1, 2), y[:, :, 1:].flatten(1, 2))]  # the 64 tokens used
