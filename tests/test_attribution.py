@@ -369,7 +369,7 @@ def test_attribution_scores_average_prompts(lm, prompt):
 
 def test_bad_inputs(lm, prompt):
     clt = _random_clt(2)
-    with pytest.raises(TypeError, match="CrossLayerTranscoder"):
+    with pytest.raises(TypeError, match="feature decoder rows"):
         attribute(lm, object(), prompt, [0, 1])
     with pytest.raises(ValueError, match="hook_mlp_out"):
         attribute(lm, clt, prompt, [0, 1], output_hook="hook_mlp_in")
