@@ -53,7 +53,6 @@ An optional metric that cannot be computed (today: graph scores whose edge rows 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 from collections.abc import Sequence
@@ -347,25 +346,10 @@ def _evaluate_without_lm(run_dir: Path, cfg, model, step: int, n_tokens: int,
 
 def _lm_and_stream(cfg, device: torch.device, batch_size: int):
     """The run's frozen LM (as ``clt.data.build_source`` loads it) and its held-out stream."""
-    from .data import TINY_BOS, TINY_SEP, _byte_ids
-    from .data.lm import load_lm
-    from .data.tokens import TokenStream
+    from .data import frozen_lm, heldout_stream
 
-    lm_cfg = cfg.data.lm
-    tiny = None
-    if lm_cfg.name == "tiny":
-        tiny = {"n_layers": lm_cfg.tiny_n_layers, "d_model": lm_cfg.tiny_d_model,
-                "d_mlp": lm_cfg.tiny_d_mlp, "n_ctx": lm_cfg.seq_len, "seed": cfg.train.seed}
-    with contextlib.redirect_stdout(sys.stderr):  # transformer-lens prints "Moving model..."
-        lm = load_lm(lm_cfg.name, device=device, tiny=tiny)
-    if tiny is not None:
-        tokenizer, ids = _byte_ids, {"bos_id": TINY_BOS, "sep_id": TINY_SEP}
-    else:
-        tokenizer, ids = lm.tokenizer, {}
-    stream = TokenStream(tokenizer, lm_cfg.dataset, seq_len=lm_cfg.seq_len, batch_size=batch_size,
-                         heldout_fraction=lm_cfg.heldout_fraction, seed=cfg.train.seed,
-                         split="heldout", loop=False, **ids)
-    return lm, stream
+    lm, tokenizer, ids = frozen_lm(cfg, device)
+    return lm, heldout_stream(cfg, tokenizer, ids, batch_size)
 
 
 def evaluate_run(

@@ -21,6 +21,42 @@ def _byte_ids(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
+def tiny_spec(cfg: Config) -> dict | None:
+    """Shape and seed of the randomly initialised ``tiny`` LM, or None for a real LM."""
+    lm = cfg.data.lm
+    if lm.name != "tiny":
+        return None
+    return {"n_layers": lm.tiny_n_layers, "d_model": lm.tiny_d_model, "d_mlp": lm.tiny_d_mlp,
+            "n_ctx": lm.seq_len, "seed": cfg.train.seed}
+
+
+def frozen_lm(cfg: Config, device: torch.device, chatter=None):
+    """``(lm, tokenizer, ids)``: the run's frozen LM as training loads it, its tokenizer and the
+    BOS/SEP ids a token stream needs (byte-level for the tiny LM). ``chatter``: where
+    transformer-lens's prints go (default stderr, so stdout stays the command's)."""
+    import contextlib
+    import sys
+
+    from .lm import load_lm
+
+    tiny = tiny_spec(cfg)
+    with contextlib.redirect_stdout(chatter or sys.stderr):
+        lm = load_lm(cfg.data.lm.name, device=device, tiny=tiny)
+    if tiny is not None:
+        return lm, _byte_ids, {"bos_id": TINY_BOS, "sep_id": TINY_SEP}
+    return lm, lm.tokenizer, {}
+
+
+def heldout_stream(cfg: Config, tokenizer, ids: dict, batch_size: int):
+    """The run's held-out token sequences, once through (what evaluation and pages read)."""
+    from .tokens import TokenStream
+
+    lm = cfg.data.lm
+    return TokenStream(tokenizer, lm.dataset, seq_len=lm.seq_len, batch_size=batch_size,
+                       heldout_fraction=lm.heldout_fraction, seed=cfg.train.seed,
+                       split="heldout", loop=False, **ids)
+
+
 def build_source(cfg: Config, device: torch.device, shard: tuple[int, int] = (0, 1)):
     """The activation stream of the config's source component (``clt.data.sources``);
     ``shard = (i, n)``: the i-th of n processes of a parallel run (the held-out data is
@@ -40,10 +76,7 @@ def lm_source(cfg: Config, device: torch.device, shard: tuple[int, int] = (0, 1)
     from .tokens import TokenStream
 
     lm = cfg.data.lm
-    tiny = None
-    if lm.name == "tiny":
-        tiny = {"n_layers": lm.tiny_n_layers, "d_model": lm.tiny_d_model, "d_mlp": lm.tiny_d_mlp,
-                "n_ctx": lm.seq_len, "seed": cfg.train.seed}
+    tiny = tiny_spec(cfg)
 
     def load_model():
         return load_lm(lm.name, device=device, tiny=tiny)

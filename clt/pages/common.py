@@ -123,8 +123,8 @@ def load_run_as_exported(run_dir: str | Path, device: str | torch.device = "cpu"
 
     ``check(cfg, model)`` runs before the LM is loaded (to refuse bad options early)."""
     from ..convert import ConversionError, convert
-    from ..data import TINY_BOS, TINY_SEP, _byte_ids
-    from ..data.lm import lm_activations, load_lm
+    from ..data import frozen_lm, heldout_stream
+    from ..data.lm import lm_activations
     from ..data.tokens import TokenStream
     from ..trainer import load_run
 
@@ -142,21 +142,10 @@ def load_run_as_exported(run_dir: str | Path, device: str | torch.device = "cpu"
     if check is not None:
         check(cfg, model)
     lm_cfg = cfg.data.lm
-    tiny = None
-    if lm_cfg.name == "tiny":
-        tiny = {"n_layers": lm_cfg.tiny_n_layers, "d_model": lm_cfg.tiny_d_model,
-                "d_mlp": lm_cfg.tiny_d_mlp, "n_ctx": lm_cfg.seq_len, "seed": cfg.train.seed}
-    with contextlib.redirect_stdout(io.StringIO()):  # transformer-lens prints "Moving model..."
-        lm = load_lm(lm_cfg.name, device=device, tiny=tiny)
-    if tiny is not None:
-        tokenizer, ids = _byte_ids, {"bos_id": TINY_BOS, "sep_id": TINY_SEP}
-    else:
-        tokenizer, ids = lm.tokenizer, {}
+    lm, tokenizer, ids = frozen_lm(cfg, device, chatter=io.StringIO())
 
     def heldout(batch_size: int) -> TokenStream:
-        return TokenStream(tokenizer, lm_cfg.dataset, seq_len=lm_cfg.seq_len,
-                           batch_size=batch_size, heldout_fraction=lm_cfg.heldout_fraction,
-                           seed=cfg.train.seed, split="heldout", loop=False, **ids)
+        return heldout_stream(cfg, tokenizer, ids, batch_size)
 
     layers = cfg.resolved_layers or list(range(lm.cfg.n_layers))
     kind = cfg.nonlinearity.kind
