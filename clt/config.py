@@ -385,20 +385,24 @@ class DataConfig(_Section):
         100_000, ge=2, description="Tokens used to estimate per-(layer, dim) mean and std, >= 2."
     )
 
+    _component: Any = PrivateAttr(None)
+
     @model_validator(mode="after")
     def _source_args(self) -> DataConfig:
         if self.source == "synthetic" and self.synthetic is None:
             _fail_if([("synthetic", "is required when source is 'synthetic'")])
         if self.args is not None or self.source not in ("lm", "synthetic"):
-            values, _ = _validate_args(SOURCES, self.source, self.args or {}, {}, "source",
-                                       "args.")
-            self.args = values
+            self.args, self._component = _validate_args(SOURCES, self.source, self.args or {},
+                                                        {}, "source", "args.")
         return self
 
     @property
     def component(self) -> Any:
-        """The source component (``clt.data.sources``)."""
-        return SOURCES.build(self.source, self.args or {})
+        """The source component (``clt.data.sources``), built once: a plug-in's checks may read
+        files (``source_n_layers`` asks it several times per validation)."""
+        if self._component is None:
+            self._component = SOURCES.build(self.source, self.args or {})
+        return self._component
 
 
 class TrainConfig(_Section):

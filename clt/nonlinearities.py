@@ -349,8 +349,5 @@ def make_nonlinearity(kind: str | Nonlinearity, **options: Any) -> Nonlinearity:
 
     from .registry import NONLINEARITIES
 
-    cls = NONLINEARITIES.resolve(kind)
-    names = {f.name for f in fields(cls)}
-    obj = cls(**{k: v for k, v in options.items() if k in names})
-    obj.kind = kind
-    return obj
+    names = {f.name for f in fields(NONLINEARITIES.resolve(kind))}
+    return NONLINEARITIES.build(kind, {k: v for k, v in options.items() if k in names})
