@@ -103,6 +103,18 @@ def ref_decode(values, indices, W_dec, b_dec, L: int, F: int, R: int) -> torch.T
     return ref_decode_dense(ref_dense_activation(values, indices, F), W_dec, b_dec, L, F, R)
 
 
+def ref_molt(x: torch.Tensor, gate: torch.Tensor, Us, Vs) -> torch.Tensor:
+    """MoLT ``[L, N, d_out]`` from a dense gate ``[L, N, T]``: every transform on every token,
+    ``U_t V_t`` formed explicitly (no code shared with ``kernels/molt.py``)."""
+    out, o = 0, 0
+    for U, V in zip(Us, Vs, strict=True):
+        for t in range(U.shape[1]):
+            M = U[:, t] @ V[:, t]  # [L, d_out, d_in]
+            out = out + gate[:, :, o + t, None] * torch.bmm(x, M.transpose(1, 2))
+        o += U.shape[1]
+    return out
+
+
 def fit_random_standardizer(model, seed: int = 5):
     """Give ``model`` a non-trivial standardizer and biases (for folding / export tests)."""
     g = torch.Generator().manual_seed(seed)
