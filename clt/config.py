@@ -142,9 +142,9 @@ _LEGACY_DEFAULTS = {
 
 
 def _validate_args(registry: Registry, kind: Any, args: dict[str, Any], legacy: dict[str, Any],
-                   kind_path: str, where: str = "") -> tuple[dict[str, Any], Any]:
-    """``(full arguments, component)`` of ``kind`` from raw ``args``; problems are raised as
-    config errors whose paths are ``where`` + the field (``kind_path`` for the kind)."""
+                   kind_path: str, where: str = "") -> dict[str, Any]:
+    """The full arguments (defaults included) of ``kind`` from raw ``args``; problems are raised
+    as config errors whose paths are ``where`` + the field (``kind_path`` for the kind)."""
     try:
         cls = registry.resolve(kind)
     except ComponentError as exc:
@@ -153,7 +153,7 @@ def _validate_args(registry: Registry, kind: Any, args: dict[str, Any], legacy: 
     args = {k: v for k, v in args.items()
             if k in names or k not in legacy or v not in legacy[k]}
     try:
-        valid = args_model(cls).model_validate(args)
+        return args_model(cls).model_validate(args).model_dump()
     except ValidationError as exc:
         takes = ", ".join(sorted(names)) or "none"
 
@@ -163,16 +163,21 @@ def _validate_args(registry: Registry, kind: Any, args: dict[str, Any], legacy: 
             return e["msg"] + ("" if e["type"] == "missing" else f" (got {_show(e['input'])})")
 
         _fail_if([(f"{where}{_dotted(e['loc'])}", msg(e)) for e in exc.errors()])
-    values = valid.model_dump()
+        raise  # unreachable: _fail_if raised
+
+
+def _build_component(registry: Registry, kind: Any, values: dict[str, Any], kind_path: str,
+                     where: str = "") -> Any:
+    """The component of validated ``values``; the checks of its ``__post_init__`` are raised as
+    config errors (on the field their message starts with, else on the section)."""
     try:
-        component = registry.build(kind, values)
+        return registry.build(kind, values)
     except (ValueError, TypeError) as exc:
-        # "field must ..." names its field; anything else is the component's as a whole
         first, _, rest = str(exc).partition(" ")
-        if first in names and rest:
+        if first in values and rest:
             _fail_if([(f"{where}{first}", rest)])
         _fail_if([(where.rstrip(".") or kind_path, f"{kind}: {exc}")])
-    return values, component
+        raise  # unreachable: _fail_if raised
 
 
 class _ComponentSection(_Section):
@@ -195,8 +200,15 @@ class _ComponentSection(_Section):
         if kind is None or kind is ...:
             return raw  # "kind" missing: reported by the field itself
         args = {k: v for k, v in raw.items() if k not in fixed}
-        values, _ = _validate_args(cls._registry, kind, args, cls._legacy, cls._kind_field)
+        values = _validate_args(cls._registry, kind, args, cls._legacy, cls._kind_field)
         return {**{k: v for k, v in raw.items() if k in fixed}, **values}
+
+    @model_validator(mode="after")
+    def _built(self) -> Any:
+        """Build the component once here: its own checks run, and ``component`` keeps it."""
+        kind = getattr(self, self._kind_field)
+        self._component = _build_component(self._registry, kind, self.args, self._kind_field)
+        return self
 
     @property
     def args(self) -> dict[str, Any]:
@@ -209,9 +221,7 @@ class _ComponentSection(_Section):
 
     @property
     def component(self) -> Any:
-        """The component object, built once (do not mutate it)."""
-        if self._component is None:
-            self._component = self.build()
+        """The component object built by validation (do not mutate it)."""
         return self._component
 
 
@@ -392,16 +402,16 @@ class DataConfig(_Section):
         if self.source == "synthetic" and self.synthetic is None:
             _fail_if([("synthetic", "is required when source is 'synthetic'")])
         if self.args is not None or self.source not in ("lm", "synthetic"):
-            self.args, self._component = _validate_args(SOURCES, self.source, self.args or {},
-                                                        {}, "source", "args.")
+            self.args = _validate_args(SOURCES, self.source, self.args or {}, {}, "source",
+                                       "args.")
+        self._component = _build_component(SOURCES, self.source, self.args or {}, "source",
+                                            "args.")
         return self
 
     @property
     def component(self) -> Any:
-        """The source component (``clt.data.sources``), built once: a plug-in's checks may read
-        files (``source_n_layers`` asks it several times per validation)."""
-        if self._component is None:
-            self._component = SOURCES.build(self.source, self.args or {})
+        """The source component (``clt.data.sources``) built by validation: a plug-in's checks
+        may read files (``source_n_layers`` asks it several times per validation)."""
         return self._component
 
 
@@ -579,7 +589,7 @@ class Config(_Section):
                 ("model.n_features", f"must be divisible by parallel.tensor = {tp} (got {f})")
             )
         arch = self.model.component
-        if not arch.tensor_parallel and self.parallel.data * tp > 1:
+        if not arch.module.shardable and self.parallel.data * tp > 1:
             problems.append(("parallel", f"a {self.model.architecture} model trains in one "
                              "process (tensor and data must be 1)"))
         return problems
@@ -839,16 +849,17 @@ def config_help(raw: Any = None) -> str:
     return "\n".join([head, *_help_lines(Config, "", _plugin_kinds(raw))])
 
 
-def _raw_for_help(argv: Sequence[str]) -> Any:
-    """The raw config of a command line that asks for ``--help``, so the help lists the
-    arguments of the plug-ins it names (None when there is none or it does not read)."""
+def _help_epilog(argv: Sequence[str]) -> str | None:
+    """``config_help`` for a command line that asks for ``--help`` (None otherwise: it resolves
+    every component), with the plug-ins its config names when that config reads."""
     if not {"-h", "--help"} & set(argv):
         return None
     paths = [a for a in argv if a.endswith(".json") and not a.startswith("-")]
     try:
-        return _read_json(Path(paths[0])) if paths else None
+        raw = _read_json(Path(paths[0])) if paths else None
     except ConfigError:
-        return None
+        raw = None
+    return config_help(raw)
 
 
 def main_config(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Namespace]:
@@ -856,7 +867,7 @@ def main_config(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Nam
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
         description="Train a crosslayer transcoder.",
-        epilog=config_help(_raw_for_help(argv)),
+        epilog=_help_epilog(argv),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

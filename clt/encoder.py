@@ -130,7 +130,9 @@ class SparseEncoder(nn.Module):
     """
 
     prefix_bounds = None  # Matryoshka prefixes: a transcoder may set them
-    shardable = False  # clt.parallel.parallelize may cut its features over processes
+    # clt.parallel.parallelize may spread it over processes (features over tensor-parallel
+    # ranks, batches over data-parallel replicas); the config refuses parallel settings otherwise
+    shardable = False
     writes_features = False  # decoder rows per feature: what exports and attribution graphs read
 
     def _init_encoder(self, n_layers: int, d_in: int, d_out: int, n_features: int,
@@ -296,8 +298,7 @@ class Architecture:
     """
 
     kind: str = ""
-    # feature sharding over tensor-parallel processes (``clt.parallel.parallelize``)
-    tensor_parallel: ClassVar[bool] = False
+    module: ClassVar[type[SparseEncoder]] = SparseEncoder  # what ``build`` returns
 
     def reach_of(self, n_layers: int) -> int:
         """Layers a feature of a model of ``n_layers`` layers writes to (1: per layer)."""

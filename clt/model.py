@@ -235,7 +235,7 @@ class Transcoder(Architecture):
         "be a whole number. The reconstruction loss averages over the prefixes (weights: "
         "loss.matryoshka_weights). null = one dictionary.")})
 
-    tensor_parallel = True
+    module = CrossLayerTranscoder
 
     def __post_init__(self) -> None:
         if self.reach is not None and self.reach < 1:

@@ -179,6 +179,8 @@ class MOLT(Architecture):
         "MOLT transforms as [[rank, count], ...], e.g. [[64, 16], [32, 32], [16, 64], [8, 128]]; "
         "the counts must sum to n_features.")})
 
+    module = MixtureOfLinearTransforms
+
     def __post_init__(self) -> None:
         if not self.molt_rank_groups or any(len(g) != 2 or min(g) < 1
                                             for g in self.molt_rank_groups):

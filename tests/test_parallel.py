@@ -23,6 +23,7 @@ import kernels
 from clt.checkpoint import latest_checkpoint, load_checkpoint, save_sharded_checkpoint
 from clt.losses import LossWeights, compute_losses
 from clt.model import CrossLayerTranscoder
+from clt.molt import MixtureOfLinearTransforms
 from clt.parallel import (
     GradSync,
     Mesh,
@@ -371,3 +372,11 @@ def test_shard_and_merge_are_inverse(reach):
     for key, value in state.items():
         assert torch.equal(merge_tensors(key.rsplit(".", 1)[-1], [s[key] for s in shards],
                                          layout(case)), value), key
+
+
+@pytest.mark.parametrize("tp,dp", [(2, 1), (1, 2)])
+def test_parallelize_refuses_a_model_that_trains_in_one_process(tp, dp):
+    """A MOLT is not shardable: more than one process is refused, whichever axis."""
+    model = MixtureOfLinearTransforms(2, 4, 4, [(2, 4)], nonlinearity="relu")
+    with pytest.raises(ValueError, match="MixtureOfLinearTransforms trains in one process"):
+        parallelize(model, Mesh(tp_size=tp, dp_size=dp))

@@ -95,9 +95,9 @@ def parallelize(model: SparseEncoder, mesh: Mesh) -> SparseEncoder:
     if mesh.world_size == 1:
         return model
     F, P, r = model.n_features, mesh.tp_size, mesh.tp_rank
-    if P > 1 and not model.shardable:
-        raise ValueError(f"{type(model).__name__} cannot be sharded over features "
-                         f"(parallel.tensor must be 1)")
+    if not model.shardable:
+        raise ValueError(f"{type(model).__name__} trains in one process "
+                         f"(parallel.tensor and parallel.data must be 1)")
     if F % P:
         raise ValueError(f"n_features={F} must be divisible by the {P} TP ranks")
     local = F // P
