@@ -43,6 +43,7 @@ from clt.pages import write_run_pages
 from clt.pages.common import PagesError
 from clt.parallel import GradSync, Mesh, ShardedSource, init_mesh, shutdown
 from clt.plots import plot_feature_density, plot_layer_metrics
+from clt.registry import ComponentError
 from clt.runs import RunDirError, RunLock, claim_existing, claim_new
 from clt.trainer import (
     FiringCounter,
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_dir, lock = claim_run_dir(cfg, args, mesh)
         train(cfg, args, mesh, run_dir)
-    except (RunDirError, CheckpointError, CacheError, DataError) as exc:
+    except (RunDirError, CheckpointError, CacheError, DataError, ComponentError) as exc:
         fail(rank_prefix(mesh) + str(exc))
     except OSError as exc:  # a full disk, a folder that became unwritable, ...
         what = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")

@@ -851,12 +851,17 @@ def config_help(raw: Any = None) -> str:
 
 def _help_epilog(argv: Sequence[str]) -> str | None:
     """``config_help`` for a command line that asks for ``--help`` (None otherwise: it resolves
-    every component), with the plug-ins its config names when that config reads."""
+    every component), with the plug-ins its config and its ``--set`` overrides name when they
+    read."""
     if not {"-h", "--help"} & set(argv):
         return None
-    paths = [a for a in argv if a.endswith(".json") and not a.startswith("-")]
+    sets = [v for a, v in zip(argv, argv[1:], strict=False) if a == "--set"]
+    sets += [a.removeprefix("--set=") for a in argv if a.startswith("--set=")]
+    paths = [a for a in argv if a.endswith(".json") and not a.startswith("-") and a not in sets]
     try:
-        raw = _read_json(Path(paths[0])) if paths else None
+        raw = _read_json(Path(paths[0])) if paths else {}
+        for text in sets:
+            _apply_override(raw, *parse_override(text))
     except ConfigError:
         raw = None
     return config_help(raw)

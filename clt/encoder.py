@@ -130,6 +130,7 @@ class SparseEncoder(nn.Module):
     """
 
     prefix_bounds = None  # Matryoshka prefixes: a transcoder may set them
+    reach = 1  # layers a feature writes to: its own and the next reach - 1
     # clt.parallel.parallelize may spread it over processes (features over tensor-parallel
     # ranks, batches over data-parallel replicas); the config refuses parallel settings otherwise
     shardable = False

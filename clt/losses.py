@@ -201,7 +201,8 @@ def auxk_fit(
     shard = model.shard
     e = (y - yhat).detach() if e is None else e
     has_dead = model.global_dead_count(dead) > 0  # [L] over the features of every shard
-    reached = torch.stack([has_dead[list(model.layout.sources_of(t))].any()
+    # target t is reached from sources max(0, t - reach + 1) .. t
+    reached = torch.stack([has_dead[max(0, t - model.reach + 1) : t + 1].any()
                            for t in range(model.n_layers)])
     var_e, var_y = batch_variance(e, shard), batch_variance(y.detach(), shard)
     ratio = layer_squared_error(e_aux, e) * shard.dp_size / var_e.clamp_min(1e-12)

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 import kernels
-from kernels import DecoderLayout
 
 from .encoder import Architecture, Codes, SparseEncoder, layer_rows
 from .nonlinearities import Nonlinearity, make_nonlinearity
@@ -76,9 +75,6 @@ class MixtureOfLinearTransforms(SparseEncoder):
             threshold_ema_decay=threshold_ema_decay, rank_by_decoder_norm=rank_by_decoder_norm,
             jumprelu_init_threshold=jumprelu_init_threshold, jumprelu_bandwidth=jumprelu_bandwidth)
         self.rank_groups = groups
-        # per layer, like a PLT: what code written for reach (AuxK's reached layers, checkpoint
-        # manifests) reads; there is no W_dec row table behind it
-        self.layout = DecoderLayout(n_layers, n_features, reach=1)
         factory = {"dtype": dtype, "device": device}
         self._init_encoder(n_layers, d_in, d_out, n_features, nonlinearity, factory)
         self.U = nn.ParameterList(
@@ -90,10 +86,6 @@ class MixtureOfLinearTransforms(SparseEncoder):
         self.b_dec = nn.Parameter(torch.zeros(n_layers, d_out, **factory))
         self._init_state(device)
         self.reset_parameters()
-
-    @property
-    def reach(self) -> int:
-        return 1
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

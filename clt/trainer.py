@@ -22,6 +22,7 @@ import kernels
 from .encoder import SparseEncoder
 from .losses import LossOutput, LossWeights, compute_losses
 from .parallel import GradSync, Mesh, clip_grad_norm, parallelize
+from .registry import ComponentError
 
 if TYPE_CHECKING:  # pydantic stays off the import path of the step itself (GPU bench machines)
     from .config import Config, TrainConfig
@@ -51,8 +52,11 @@ def build_model(
     n_layers = cfg.n_layers
     if n_layers is None:
         raise ValueError("the number of trained layers is unknown: set model.layers")
-    model = cfg.model.component.build(n_layers, d_in, d_out, cfg.model.n_features,
-                                      cfg.nonlinearity.build(), device)
+    try:
+        model = cfg.model.component.build(n_layers, d_in, d_out, cfg.model.n_features,
+                                          cfg.nonlinearity.build(), device)
+    except ValueError as exc:  # an architecture's check of the widths: known only from the data
+        raise ComponentError(f"model.architecture {cfg.model.architecture}: {exc}") from exc
     return model if mesh is None else parallelize(model, mesh)
 
 

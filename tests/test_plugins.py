@@ -1,6 +1,7 @@
 """The worked plug-in package in ``examples/plugins`` (a nonlinearity, an activation source and a
 loss term named by import path) trains through ``train.py``, resumes exactly, evaluates, and
-trains under torchrun with tensor parallelism to the single process's weights."""
+trains under torchrun with tensor parallelism to the single process's weights; its architecture
+(tied weights) trains, resumes and evaluates the same way in one process."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from clt.checkpoint import latest_checkpoint
+from clt.losses import LossWeights, compute_losses
 from clt.trainer import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +63,25 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+def assert_resume_is_exact(config: Path, runs: Path, whole: str, *sets: str) -> None:
+    """4 steps, then ``--resume`` to 8: the weights of the 8-step run ``whole``, bit for bit."""
+    part = run("train.py", str(config), "--set", f"logging.run_name={whole}-part",
+               "--set", "train.steps=4", *sets)
+    assert part.returncode == 0, part.stderr[-3000:]
+    resumed = run("train.py", "--resume", str(runs / f"{whole}-part"), "--set", "train.steps=8")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "from step 5" in resumed.stdout
+    a, b = final_weights(runs / whole), final_weights(runs / f"{whole}-part")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def evaluate(run_dir: Path) -> str:
+    done = run("-m", "clt.evaluate", str(run_dir), "--tokens", "256")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def test_the_project_does_not_import_the_plugins():
     code = ("import sys, train, clt.evaluate, clt.export, clt.graph, clt.features; "
             "print(any(m.startswith('my_plugins') for m in sys.modules))")
@@ -82,20 +103,69 @@ def test_plugins_train_resume_and_evaluate(example):
     assert all("loss/WeightedL1" in m for m in metrics if "loss" in m)
     assert any("loss/auxk" in m for m in metrics if "loss" in m)
 
-    part = run("train.py", str(config), "--set", "logging.run_name=part",
-               "--set", "train.steps=4")
-    assert part.returncode == 0, part.stderr[-3000:]
-    resumed = run("train.py", "--resume", str(runs / "part"), "--set", "train.steps=8")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "from step 5" in resumed.stdout
-    a, b = final_weights(runs / "whole"), final_weights(runs / "part")
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_resume_is_exact(config, runs, "whole")
+    evaluated = evaluate(runs / "whole")
+    assert "FVU total (exported JumpReLU)" in evaluated
+    assert "skipped: replacement metrics" in evaluated
 
-    evaluated = run("-m", "clt.evaluate", str(runs / "whole"), "--tokens", "256")
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert "FVU total (exported JumpReLU)" in evaluated.stdout
-    assert "skipped: replacement metrics" in evaluated.stdout
+
+TIED = ("--set", "model.architecture=my_plugins.architecture:TiedTranscoder",
+        "--set", "model.init_norm=0.5")
+
+
+def test_plugin_architecture_trains_resumes_and_evaluates(example):
+    config, runs = example
+    whole = run("train.py", str(config), "--set", "logging.run_name=tied", *TIED)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    saved = json.loads((runs / "tied" / "config.json").read_text())
+    assert saved["model"] == {"n_features": 64, "layers": None, "init_norm": 0.5,
+                              "architecture": "my_plugins.architecture:TiedTranscoder"}
+    _, model, _ = load_run(runs / "tied")
+    assert type(model).__name__ == "TiedTranscoderModule"
+    assert {name for name, _ in model.named_parameters()} == {"W_enc", "b_enc", "b_dec"}
+    metrics = [json.loads(line) for line in (runs / "tied" / "metrics.jsonl").open()]
+    fvu = [m["eval/fvu_total"] for m in metrics if "eval/fvu_total" in m]  # steps 4 and 8
+    assert fvu[-1] < fvu[0]
+    with torch.no_grad():
+        model.tokens_since_fired[:, :8] = 10**6  # AuxK: the dead features decode without b_dec
+    x, y = torch.randn(2, 3, 32, 16).unbind()
+    out = compute_losses(model.train(), x, y, LossWeights(auxk_alpha=1 / 32, dead_tokens=128), 9)
+    out.total.backward()
+    assert out.terms["auxk"] > 0 and model.W_enc.grad[:, :, :8].abs().sum() > 0
+
+    assert_resume_is_exact(config, runs, "tied", *TIED)
+    evaluated = evaluate(runs / "tied")
+    assert "FVU total" in evaluated and "exported" not in evaluated  # no decoder rows to export
+
+
+def test_help_lists_the_plugin_fields_a_command_line_names(example):
+    config, _ = example
+    done = run("train.py", str(config), "--help", *TIED)
+    assert done.returncode == 0, done.stderr
+    for field in ("nonlinearity.floor", "data.args.folder", "loss.extra[i].coef",
+                  "model.init_norm"):
+        assert field in done.stdout, field
+
+
+def test_plugin_architecture_refusals_are_one_line(example, tmp_path):
+    config, runs = example
+    made = run(str(PLUGINS / "make_data.py"), str(tmp_path / "wide"), "--tokens", "1024",
+               "--d-out", "24")
+    assert made.returncode == 0, made.stderr
+    cfg = json.loads(config.read_text())
+    cfg["data"]["args"]["folder"] = str(tmp_path / "wide")
+    wide = tmp_path / "wide.json"
+    wide.write_text(json.dumps(cfg))
+    done = run("train.py", str(wide), "--set", "logging.run_name=tied-wide", *TIED)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "error: model.architecture my_plugins.architecture:TiedTranscoder: tied weights need "
+        "equal input and output widths (got d_in=16, d_out=24)"), done.stderr
+    done = run("train.py", str(config), "--set", "parallel.tensor=2", *TIED)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "config error: parallel: a my_plugins.architecture:TiedTranscoder model trains in one "
+        "process (tensor and data must be 1)"), done.stderr
 
 
 def test_plugins_under_tensor_parallelism_match_one_process(example):

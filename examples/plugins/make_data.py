@@ -18,11 +18,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="folder to create (must not exist)")
     parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--d-out", type=int, default=16, help="width of y (x has 16)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists():
         sys.exit(f"error: {out} exists; choose a new folder")
-    planted = PlantedDictionary(n_layers=3, d_in=16, d_out=16, n_true_features=64,
+    planted = PlantedDictionary(n_layers=3, d_in=16, d_out=args.d_out, n_true_features=64,
                                 active_per_layer=4, noise=0.01, seed=0)
     x, y = planted.next_batch(args.tokens)  # [L, T, d]
     out.mkdir(parents=True)
