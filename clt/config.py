@@ -225,6 +225,13 @@ class _ComponentSection(_Section):
         return self._component
 
 
+def _kind_text(registry: Registry) -> str:
+    """How a kind field is filled, with the built-in names read from the registry."""
+    path = "an import path 'package.module:Class'"
+    names = ", ".join(registry.names())
+    return f"a registered name ({names}) or {path}" if names else path
+
+
 class ModelConfig(_ComponentSection):
     n_features: PositiveInt = Field(..., description="Features per layer (F), > 0.")
     layers: list[NonNegativeInt] | None = Field(
@@ -234,10 +241,8 @@ class ModelConfig(_ComponentSection):
         "null = all layers of the LM.",
     )
     architecture: str = Field(
-        "transcoder", description="A registered architecture ('transcoder': features with "
-        "decoder rows, a CLT, PLT or SAE by reach and hooks; 'molt': a sparse mixture of "
-        "low-rank linear transforms per layer, n_features = number of transforms) or an import "
-        "path 'package.module:Class'. Its arguments are the other fields of this section."
+        "transcoder", description=f"The architecture: {_kind_text(ARCHITECTURES)}. Its "
+        "arguments are the other fields of this section."
     )
     _registry = ARCHITECTURES
     _kind_field = "architecture"
@@ -253,17 +258,16 @@ class ModelConfig(_ComponentSection):
 
 class NonlinearityConfig(_ComponentSection):
     kind: str = Field(
-        ..., description="Activation function that makes the codes sparse: a registered name "
-        "(topk, batchtopk, jumprelu, relu) or an import path 'package.module:Class'. Its "
-        "arguments are the other fields of this section."
+        ..., description=f"Activation function that makes the codes sparse: "
+        f"{_kind_text(NONLINEARITIES)}. Its arguments are the other fields of this section."
     )
     _registry = NONLINEARITIES
     _legacy = _LEGACY_DEFAULTS["nonlinearity"]
 
 
 class LossTermConfig(_ComponentSection):
-    kind: str = Field(..., description="Import path 'package.module:Class' of a loss term "
-                      "(a clt.losses.LossTerm dataclass) or a registered name.")
+    kind: str = Field(..., description=f"A loss term (a clt.losses.LossTerm dataclass): "
+                      f"{_kind_text(LOSS_TERMS)}.")
     _registry = LOSS_TERMS
 
 
@@ -380,9 +384,8 @@ class LMDataConfig(_Section):
 
 class DataConfig(_Section):
     source: str = Field(
-        "lm", description="Where activations come from: 'lm' (a frozen LM, data.lm), "
-        "'synthetic' (a planted dictionary, data.synthetic) or an import path "
-        "'package.module:Class' of a source whose arguments are data.args."
+        "lm", description=f"Where activations come from: {_kind_text(SOURCES)}. 'lm' reads "
+        "data.lm, 'synthetic' data.synthetic, a plug-in data.args."
     )
     args: dict[str, Any] | None = Field(
         None, description="Arguments of a plug-in source (data.source an import path)."
