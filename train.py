@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import kernels
 from clt.checkpoint import (
     CheckpointError,
     TrainingState,
@@ -126,6 +127,7 @@ def write_plots(run_dir: Path, step: int, held_out: dict) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    kernels.cpu_fast_paths(True)  # opt in to the ops' CPU performance paths (kernels/cpu)
     cfg, args = main_config(argv)
     try:
         mesh = init_mesh(cfg.parallel.tensor, cfg.parallel.data, cfg.parallel.timeout_s)

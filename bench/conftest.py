@@ -18,6 +18,10 @@ import torch  # noqa: E402  (after OMP_NUM_THREADS: the thread pool reads it onc
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+import kernels  # noqa: E402
+
+kernels.cpu_fast_paths(True)  # the benchmarks time the ops as train.py runs them
+
 # group -> impl -> (median, min) seconds, filled by the users of the ``timings`` fixture
 _TIMINGS: dict[str, dict[str, tuple[float, float]]] = {}
 

@@ -62,6 +62,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+import kernels
+
 from .trainer import evaluate, load_run
 
 MODES = ("open", "closed")
@@ -521,6 +523,7 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    kernels.cpu_fast_paths(True)  # opt in to the ops' CPU performance paths
     parser = argparse.ArgumentParser(
         prog="python -m clt.evaluate",
         description="Reconstruction and replacement-model metrics of trained run folders.",

@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+import kernels
+
 from .model import CrossLayerTranscoder
 from .runs import RunDirError, check_output_dir
 from .trainer import load_run
@@ -356,6 +358,7 @@ def export_run(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    kernels.cpu_fast_paths(True)  # opt in to the ops' CPU performance paths
     parser = argparse.ArgumentParser(
         prog="python -m clt.export",
         description="Export a run's latest checkpoint in circuit-tracer's format (TopK/BatchTopK "

@@ -62,6 +62,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import kernels
+
 from .pages.common import (
     ExportedRun,
     PagesError,
@@ -507,6 +509,7 @@ def write_features(run_dir: str | Path, out_dir: str | Path, n_tokens: int = DEF
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    kernels.cpu_fast_paths(True)  # opt in to the ops' CPU performance paths
     parser = argparse.ArgumentParser(
         prog="python -m clt.features",
         description="Feature pages of a run's transcoder (as exported): density, histogram, top "

@@ -50,6 +50,8 @@ from typing import Any
 
 import torch
 
+import kernels
+
 from .attribution import AttributionGraph, attribute, node_influence
 from .pages.common import (
     PagesError,
@@ -291,6 +293,7 @@ def write_graph(run_dir: str | Path, out_dir: str | Path, prompt: str,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    kernels.cpu_fast_paths(True)  # opt in to the ops' CPU performance paths
     parser = argparse.ArgumentParser(
         prog="python -m clt.graph",
         description="Attribution graph of a prompt on a run's transcoder (as exported), pruned "

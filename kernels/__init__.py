@@ -3,7 +3,7 @@
 Each op file (``topk``, ``batchtopk``, ``jumprelu``, ``decode``, ``molt``, ``codes``) reads in
 the same order: Triton kernels, host launchers, the autograd Function, the torch specification
 (``<op>_torch``) and the documented public op. Which path runs is decided in ``_dispatch``;
-CPU performance paths live in ``kernels/cpu/`` behind :func:`cpu_fast_paths` (on by default).
+CPU performance paths live in ``kernels/cpu/`` behind :func:`cpu_fast_paths` (opt-in).
 Imports nothing from ``clt``.
 """
 

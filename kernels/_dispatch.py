@@ -6,11 +6,12 @@ Each public op runs one of three paths:
   Triton interpreter is on (``TRITON_INTERPRET=1``, how the test suite runs kernels without a
   GPU), and every floating tensor has a dtype the op's kernels admit (:data:`TRITON_DTYPES`);
 - ``"cpu"``: the CPU performance path of ``kernels/cpu/<op>.py`` (buffer donation, dense-ratio
-  switches, chunking, sampled products), on by default (:func:`cpu_fast_paths`);
+  switches, chunking, sampled products), off unless a caller opts in (:func:`cpu_fast_paths`;
+  the trainer and the evaluation tools do);
 - ``"torch"``: the readable torch specification next to each op (``<op>_torch``).
 
 ``CLT_FORCE_TORCH=1`` forces a torch path everywhere (debugging, or a GPU whose Triton is
-broken); ``CLT_CPU_FAST=0`` starts a process with the CPU fast paths off.
+broken); ``CLT_CPU_FAST=0`` keeps the CPU fast paths off even where a caller opts in.
 """
 
 from __future__ import annotations
@@ -58,21 +59,23 @@ def triton_ok(op: str, *floats: torch.Tensor, others: tuple[torch.Tensor, ...] =
 
 
 class cpu_fast_paths:
-    """Turn the CPU performance paths (``kernels/cpu/``) on or off; on by default.
+    """Turn the CPU performance paths (``kernels/cpu/``) on or off; off by default, so that a user
+    of these ops gets each op's torch specification; ``train.py`` and the ``clt`` tools opt in.
 
     Off, every op off Triton runs its torch specification: slower on a CPU, same results up to
-    rounding and the order of equal-valued slots. Works as a call and as a context manager::
+    rounding and the order of equal-valued slots. ``CLT_CPU_FAST=0`` in the environment keeps
+    them off whatever a caller asks. Works as a call and as a context manager::
 
-        kernels.cpu_fast_paths(False)          # from now on
+        kernels.cpu_fast_paths(True)           # from now on
         with kernels.cpu_fast_paths(False):    # in this block only
             ...
     """
 
-    _enabled: bool = os.environ.get("CLT_CPU_FAST", "1") != "0"
+    _enabled: bool = False
 
     def __init__(self, enabled: bool) -> None:
         self.prev = cpu_fast_paths._enabled
-        cpu_fast_paths._enabled = bool(enabled)
+        cpu_fast_paths._enabled = bool(enabled) and os.environ.get("CLT_CPU_FAST") != "0"
 
     def __enter__(self) -> cpu_fast_paths:
         return self

@@ -44,7 +44,7 @@ Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``; float64 takes the torch 
   and ``grad_x`` contributions are written pair-major and summed per token here instead of with
   atomics, so the results are bitwise reproducible. Costs one ``[P, d]`` fp32 write and read.
 
-Off Triton, the CPU path (:mod:`kernels.cpu.molt`, ``kernels.cpu_fast_paths`` on, the default)
+Off Triton, the CPU path (:mod:`kernels.cpu.molt`, with ``kernels.cpu_fast_paths`` on)
 uses the same plan and loops over the active experts; the specification
 :func:`molt_apply_torch` gathers every slot's matrices (dense, plain autograd).
 """
@@ -567,7 +567,7 @@ def molt_apply(
 
     Differentiable in ``x``, ``values`` and every ``U_g`` / ``V_g`` (not ``indices``). Runs the
     Triton kernels on CUDA tensors (or on CPU under ``TRITON_INTERPRET=1``) for fp32 / bf16 / fp16,
-    otherwise the CPU path (``kernels.cpu_fast_paths``, on by default) or the specification
+    otherwise the CPU path (``kernels.cpu_fast_paths``, opt-in) or the specification
     :func:`molt_apply_torch` (float64 included, and always with ``CLT_FORCE_TORCH=1``). One host
     sync per forward and per backward (the plan's group sizes).
 

@@ -516,9 +516,9 @@ def encode_topk(
             by ``pre * rank_scale`` but the returned values are ``pre``. Not differentiated.
         impl: ``"auto"`` (fused Triton kernels where Triton runs and the dtype is fp32 / bf16 /
             fp16, else torch), ``"fused"``, ``"two_step"`` (library GEMM + torch top-k forward,
-            Triton sparse backward) or ``"torch"`` (the CPU path of :mod:`kernels.cpu.topk`, or
-            with ``kernels.cpu_fast_paths(False)`` the specification
-            :func:`encode_topk_torch`). Keyword only.
+            Triton sparse backward) or ``"torch"`` (the specification :func:`encode_topk_torch`,
+            or with ``kernels.cpu_fast_paths(True)`` the CPU path of :mod:`kernels.cpu.topk`).
+            Keyword only.
         aux: AuxK in the same op, ``(columns [L, D], spare [L, D] bool, k_aux)``: also the top
             ``k_aux`` pre-activations (unscaled) among each layer's ``columns`` (its dead
             features; ``spare`` columns never win). Both selections then write one ``W_enc``

@@ -19,6 +19,11 @@ import torch  # noqa: E402  (after the environment: torch may pull in triton)
 
 torch.set_num_threads(1)  # tiny shapes: threads only add overhead (8x slower on a busy machine)
 
+import kernels  # noqa: E402
+
+# the ops run as train.py runs them: the CPU performance paths on (the op tests pick each path)
+kernels.cpu_fast_paths(True)
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

@@ -1,6 +1,7 @@
 """train.py end to end: every nonlinearity, exact resume, atomic checkpoints, divergence, errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,17 @@ def test_lm_run_writes_its_pages_when_asked(tmp_path):
     pages = run_dir / "pages"
     assert (pages / "index.html").is_file() and (pages / "features" / "index.html").is_file()
     assert (pages / "graph" / "index.html").is_file()
+
+
+@pytest.mark.parametrize("env, want", [({}, "False True"), ({"CLT_CPU_FAST": "0"}, "False False")])
+def test_cpu_fast_paths_are_opt_in(env, want):
+    """A bare ``import kernels`` runs each op's torch specification; ``train.main`` opts in to
+    the CPU paths (here: until its config fails to load), unless ``CLT_CPU_FAST=0``."""
+    code = ("import kernels, train; a = kernels.cpu_fast_paths.enabled()\n"
+            "try:\n    train.main(['configs/topk-clt.json', '--set', 'train.steps=0'])\n"
+            "except SystemExit:\n    pass\n"
+            "print(a, kernels.cpu_fast_paths.enabled())")
+    env = {k: v for k, v in os.environ.items() if k != "CLT_CPU_FAST"} | env
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == want, done.stderr[-2000:]

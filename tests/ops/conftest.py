@@ -72,6 +72,7 @@ def spec_path(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _restore_cpu_fast_paths():
-    """Whatever a test sets, the next one starts with the CPU fast paths on (the default)."""
+    """Whatever a test sets, the next one starts with the CPU fast paths on (as in the trainer,
+    tests/conftest.py)."""
     yield
     kernels.cpu_fast_paths(True)
