@@ -37,6 +37,7 @@ FIGURES = {
 def environment() -> dict[str, str]:
     """Device, versions and commit of this checkout (what the report's header shows)."""
     env = {"python": platform.python_version(), "host": platform.node()}
+    # guarded: the report still runs (saying "missing") where torch or triton is not installed
     try:
         import torch
 

@@ -401,6 +401,8 @@ def attribute(
     rows would take more than ``max_edge_bytes`` (default ``MAX_EDGE_BYTES``, read at call time)
     raises :class:`GraphTooLarge` before any backward pass.
     """
+    # deferred: clt.data.lm imports transformer_lens (seconds); train.py imports this module
+    # (through clt.evaluate)
     from .data.lm import FORWARD_LOCK, layer_hook_names
 
     if not getattr(clt, "writes_features", False):

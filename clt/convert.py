@@ -318,6 +318,7 @@ def from_circuit_tracer(folder) -> tuple[CrossLayerTranscoder, list[int], tuple[
     JumpReLU thresholds come back as ``log_threshold = log(threshold)`` in float32, so
     ``exp`` of it may differ from the file's value by a float32 rounding step. Hooks are given as
     the run config names them (``hook_resid_mid`` is ``hook_mlp_in``)."""
+    # deferred: clt.export imports clt.convert (cycle)
     from .export import TL_HOOK_NAMES, load_exported
 
     files = load_exported(folder)

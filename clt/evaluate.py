@@ -64,6 +64,11 @@ import torch.nn.functional as F  # noqa: N812
 
 import kernels
 
+from .attribution import GraphTooLarge, attribution_scores
+from .convert import convert
+from .data import frozen_lm, heldout_stream
+from .export import ExportError, export_circuit_tracer
+from .model import Codes
 from .trainer import evaluate, load_run
 
 MODES = ("open", "closed")
@@ -159,8 +164,6 @@ class _ClosedLoop:
             seen = captured[: i + 1]
             x = torch.stack([*seen, *[torch.zeros_like(seen[0])] * (self.n_layers - i - 1)])
             return _reconstruct(self.model, x)[i]
-        from .model import Codes
-
         model, x_raw = self.model, captured[i]
         st = model.standardizer
         x = x_raw.to(model.W_enc.device, model.W_enc.dtype)  # [N, d_in]
@@ -183,6 +186,7 @@ def _batch_logits(
     lm, clt_model, tokens: torch.Tensor, in_names: list[str], out_names: list[str], mode: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits ``[B, T, V]`` of the original, zero-ablated and replacement models on one batch."""
+    # deferred: clt.data.lm imports transformer_lens (seconds); train.py imports this module
     from .data.lm import FORWARD_LOCK
 
     B, T = tokens.shape
@@ -259,6 +263,7 @@ def replacement_metrics(
                          f"got {tuple(tokens.shape)}")
     if not layers:
         raise ValueError("layers must not be empty")
+    # deferred: clt.data.lm imports transformer_lens (seconds); train.py imports this module
     from .data.lm import layer_hook_names
 
     in_names, out_names = layer_hook_names(list(layers), input_hook, output_hook)
@@ -308,8 +313,6 @@ def replacement_metrics(
 def _reconstruction(model, pairs) -> dict[str, Any]:
     """Held-out FVU and L0 of ``model`` (and of its JumpReLU conversion, ``exported``, for the
     TopK family), and the converted model (None when it exports as it is)."""
-    from .convert import convert
-
     recon = evaluate(model, pairs)
     out: dict[str, Any] = {"fvu": [float(v) for v in recon["eval/fvu"]],
                            "fvu_total": float(recon["eval/fvu_total"]),
@@ -348,8 +351,6 @@ def _evaluate_without_lm(run_dir: Path, cfg, model, step: int, n_tokens: int,
 
 def _lm_and_stream(cfg, device: torch.device, batch_size: int):
     """The run's frozen LM (as ``clt.data.build_source`` loads it) and its held-out stream."""
-    from .data import frozen_lm, heldout_stream
-
     lm, tokenizer, ids = frozen_lm(cfg, device)
     return lm, heldout_stream(cfg, tokenizer, ids, batch_size)
 
@@ -380,6 +381,7 @@ def evaluate_run(
     trained one, for JumpReLU / ReLU runs) there in circuit-tracer's format
     (:func:`clt.export.export_circuit_tracer`; the folder must be absent or empty).
     """
+    # deferred: clt.data.lm imports transformer_lens (seconds); train.py imports this module
     from .data.lm import lm_activations
 
     if n_tokens < 1:
@@ -449,8 +451,6 @@ def evaluate_run(
         result["skipped"] = skipped
     result["layers"] = list(layers)
     if export_dir is not None:
-        from .export import export_circuit_tracer
-
         export_circuit_tracer(model if exported is None else exported, export_dir,
                               lm_cfg.input_hook, lm_cfg.output_hook, layers,
                               model_name=lm_cfg.name)
@@ -461,8 +461,6 @@ def evaluate_run(
 def _graph_scores(lm, model, prompts, layers, cfg, max_edge_bytes) -> dict[str, Any] | str:
     """:func:`clt.attribution.attribution_scores` of ``model`` on ``prompts``, or the reason
     (with a hint) why they cannot be computed."""
-    from .attribution import GraphTooLarge, attribution_scores
-
     lm_cfg = cfg.data.lm
     try:
         return attribution_scores(lm, model, prompts, layers, lm_cfg.input_hook,
@@ -555,8 +553,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--graph-prompts must be >= 0, got {args.graph_prompts}")
     if args.graph_tokens is not None and args.graph_tokens < 2:
         parser.error(f"--graph-tokens must be >= 2, got {args.graph_tokens}")
-    from .export import ExportError
-
     results = []
     for run in runs:
         try:

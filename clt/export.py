@@ -40,9 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from safetensors.torch import load_file, save_file
 
 import kernels
 
+from .convert import ConversionError, conversion_report, convert, format_report
+from .data import build_source
 from .model import CrossLayerTranscoder
 from .runs import RunDirError, check_output_dir
 from .trainer import load_run
@@ -195,9 +199,6 @@ def export_circuit_tracer(
     tensor (default: the model's). Refuses a non-empty ``out_dir`` unless ``overwrite``.
     Returns ``out_dir``.
     """
-    import yaml
-    from safetensors.torch import save_file
-
     layers = _check_exportable(model, layers)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
@@ -236,9 +237,6 @@ def load_exported(out_dir: str | Path) -> dict[str, Any]:
     ``pre = x @ W_enc.T + b_enc``) and ``reconstruct(x) -> out [L, N, d]``
     (``out[t] = b_dec[t] + sum_{s <= t} a_s @ W_dec_s[:, t - s]``; a set: ``a_t @ W_dec_t``).
     """
-    import yaml
-    from safetensors.torch import load_file
-
     out_dir = Path(out_dir)
     config = yaml.safe_load((out_dir / "config.yaml").read_text())
     kind = config["model_kind"]
@@ -297,8 +295,6 @@ def load_exported(out_dir: str | Path) -> dict[str, Any]:
 
 
 def _heldout(cfg, device: torch.device, n_tokens: int):
-    from .data import build_source
-
     with contextlib.redirect_stdout(sys.stderr):  # transformer-lens prints "Moving model..."
         source = build_source(cfg, device)
     try:
@@ -320,8 +316,6 @@ def export_run(
     log=print,
 ) -> dict[str, Any]:
     """Load a run, convert it to JumpReLU if needed, report L0/FVU, export. Returns the report."""
-    from .convert import ConversionError, conversion_report, convert, format_report
-
     if n_tokens < 1:
         raise ExportError(f"--tokens must be >= 1, got {n_tokens}")
     out_dir = Path(out_dir)

@@ -73,6 +73,7 @@ from .pages.common import (
     staged_output,
     token_strings,
 )
+from .pages.html import feature_index_page, feature_page
 
 DEFAULT_TOKENS = 16384
 TOP = 12
@@ -184,6 +185,8 @@ def scan_features(run: ExportedRun, selection: list[torch.Tensor], n_tokens: int
                   progress: bool = True) -> Scan:
     """Stream the first ``ceil(n_tokens / (T - 1))`` held-out sequences once through the LM and
     the exported transcoder; ``selection[i]``: feature ids of transcoder layer ``i``."""
+    # deferred: clt.data.lm imports transformer_lens (seconds), which `--help` and argument
+    # errors should not wait for
     from .data.lm import lm_activations
 
     if bins < 1 or bins & (bins - 1):
@@ -416,8 +419,6 @@ def _js(name: str, value: Any) -> str:
 def write_feature_files(folder: Path, run: ExportedRun, scan: Scan,
                         records: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """Pages, data files and circuit-tracer's files into ``folder``; returns the summary."""
-    from .pages.html import feature_index_page, feature_page
-
     data = folder / "data"
     rows = []
     for layer_records in records:

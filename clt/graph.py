@@ -62,6 +62,7 @@ from .pages.common import (
     staged_output,
     token_strings,
 )
+from .pages.html import graph_page
 
 NODE_THRESHOLD = 0.8
 EDGE_THRESHOLD = 0.98
@@ -255,8 +256,6 @@ def build_graph(run, tokens: torch.Tensor, node_threshold: float = NODE_THRESHOL
 
 def write_graph_files(folder: Path, data: dict[str, Any], feature_pages: str | None) -> None:
     """``<slug>.json``, ``graph-metadata.json`` and ``index.html`` into ``folder``."""
-    from .pages.html import graph_page
-
     slug = data["metadata"]["slug"]
     (folder / f"{slug}.json").write_text(json.dumps(data))
     (folder / "graph-metadata.json").write_text(

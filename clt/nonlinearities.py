@@ -15,7 +15,7 @@ JumpReLU and ReLU are elementwise and exchange nothing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -24,6 +24,8 @@ from torch import nn
 import kernels
 
 from .encoder import Codes, layer_rows
+from .losses import l0_penalty, preact_loss
+from .registry import NONLINEARITIES
 
 if TYPE_CHECKING:
     from .encoder import SparseEncoder
@@ -282,8 +284,6 @@ class JumpReLU(Nonlinearity):
 
     def loss_terms(self, enc: SparseEncoder, codes: Codes, weights: Any, ramp: float,
                    dec_norms: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        from .losses import l0_penalty, preact_loss
-
         terms = {}
         if weights.preact_coef > 0:
             preact = preact_loss(codes.pre, enc.log_threshold.exp(), dec_norms)
@@ -331,8 +331,6 @@ class ReLU(Nonlinearity):
 
     def loss_terms(self, enc: SparseEncoder, codes: Codes, weights: Any, ramp: float,
                    dec_norms: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        from .losses import preact_loss
-
         if weights.preact_coef <= 0:
             return {}
         preact = enc.shard.sum_features(preact_loss(codes.pre, None, dec_norms))
@@ -345,9 +343,5 @@ def make_nonlinearity(kind: str | Nonlinearity, **options: Any) -> Nonlinearity:
     constructor passes every nonlinearity's settings)."""
     if isinstance(kind, Nonlinearity):
         return kind
-    from dataclasses import fields
-
-    from .registry import NONLINEARITIES
-
     names = {f.name for f in fields(NONLINEARITIES.resolve(kind))}
     return NONLINEARITIES.build(kind, {k: v for k, v in options.items() if k in names})

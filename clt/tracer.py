@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 
 def load_transcoders(
@@ -27,7 +28,7 @@ def load_transcoders(
     ``load_clt`` for ``model_kind: cross_layer_transcoder``, ``load_transcoder_set`` (one
     ``layer_{i}.safetensors`` per layer) for ``transcoder_set``. Weights are read eagerly (no
     lazy encoder/decoder) in ``dtype`` (``load_clt`` would default to bfloat16)."""
-    import yaml
+    # deferred: circuit-tracer is optional (not a project dependency)
     from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
     from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
 
@@ -55,6 +56,7 @@ def replacement_model(lm, transcoders: Any) -> Any:
     ``lm``'s weights and buffers are copied in under the wrapped names; every weight of the LM
     must land somewhere, or ValueError.
     """
+    # deferred: circuit-tracer is optional (not a project dependency)
     from circuit_tracer.replacement_model.replacement_model_transformerlens import (
         TransformerLensReplacementModel,
     )

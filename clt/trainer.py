@@ -311,6 +311,7 @@ class MetricsLog:
         self.file = open(run_dir / "metrics.jsonl", "a", buffering=1) if write else None
         self.wandb = None
         if write and cfg.logging.wandb_mode != "disabled":
+            # deferred: wandb takes ~1 s to import and only a run with wandb on needs it
             import wandb
 
             self.wandb = wandb.init(
@@ -328,6 +329,7 @@ class MetricsLog:
             return flat
         self.file.write(json.dumps({"step": step, **flat}) + "\n")
         if self.wandb is not None:
+            # deferred: wandb takes ~1 s to import and only a run with wandb on needs it
             import wandb
 
             pictures = {k: wandb.Image(str(p)) for k, p in (images or {}).items()}
@@ -375,6 +377,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", warn=None,
     ``error``, any of them as that exception class, with the same one-line message (what the
     evaluation, export and page commands report).
     """
+    # deferred: clt.checkpoint and clt.config import pydantic, which the step's import path
+    # must not need (GPU bench machines)
     from .checkpoint import CheckpointError
     from .config import ConfigError
 
@@ -387,6 +391,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", warn=None,
 
 
 def _load_run(run_dir: Path, device: str | torch.device, warn):
+    # deferred: pydantic (through clt.checkpoint and clt.config) stays off the step's import path
     from .checkpoint import CheckpointError, check_compatible, latest_good_checkpoint
     from .config import load_config
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 import torch
 
 from ..config import Config
+from .cache import ActivationCache
 
 # Byte-level ids for the randomly initialised "tiny" LM (d_vocab 260): bytes, then BOS and SEP.
 TINY_BOS, TINY_SEP = 256, 257
@@ -34,9 +37,7 @@ def frozen_lm(cfg: Config, device: torch.device, chatter=None):
     """``(lm, tokenizer, ids)``: the run's frozen LM as training loads it, its tokenizer and the
     BOS/SEP ids a token stream needs (byte-level for the tiny LM). ``chatter``: where
     transformer-lens's prints go (default stderr, so stdout stays the command's)."""
-    import contextlib
-    import sys
-
+    # deferred: clt.data.lm imports transformer_lens (seconds); train.py imports this package
     from .lm import load_lm
 
     tiny = tiny_spec(cfg)
@@ -49,6 +50,7 @@ def frozen_lm(cfg: Config, device: torch.device, chatter=None):
 
 def heldout_stream(cfg: Config, tokenizer, ids: dict, batch_size: int):
     """The run's held-out token sequences, once through (what evaluation and pages read)."""
+    # deferred: clt.data.tokens imports datasets (~0.6 s); train.py imports this package
     from .tokens import TokenStream
 
     lm = cfg.data.lm
@@ -70,8 +72,9 @@ def lm_source(cfg: Config, device: torch.device, shard: tuple[int, int] = (0, 1)
     matching on-disk cache while it lasts, and the LM (the embedded or tiny one) is loaded only
     when activations must be computed.
     """
+    # deferred: transformer_lens (clt.data.activations, clt.data.lm) and datasets
+    # (clt.data.tokens) take seconds to import; train.py imports this package
     from .activations import ActivationSource
-    from .cache import ActivationCache
     from .lm import SMOLLM2_NAME, activation_widths, load_lm, load_tokenizer
     from .tokens import TokenStream
 

