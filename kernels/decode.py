@@ -38,7 +38,7 @@ training run is reproducible.
 
 Float64 inputs never run a kernel (the kernels compute in fp32; fp64 is for references and
 gradcheck). Off Triton the op runs :func:`sparse_decode_torch`, the specification (a gather of
-the named rows per source, plain autograd), or with ``kernels.cpu_fast_paths`` on (the default)
+the named rows per source, plain autograd), or with ``kernels.cpu_fast_paths`` on (opt-in)
 the CPU performance path of :mod:`kernels.cpu.decode`.
 """
 
@@ -444,7 +444,7 @@ def sparse_decode(
 
     Runs the Triton kernels on CUDA tensors (or on CPU under ``TRITON_INTERPRET=1``) when values,
     W_dec and b_dec are fp32 or bf16, otherwise the CPU fast path (``kernels.cpu_fast_paths``,
-    on by default) or the torch specification :func:`sparse_decode_torch` (float64 included,
+    opt-in) or the torch specification :func:`sparse_decode_torch` (float64 included,
     and always with ``CLT_FORCE_TORCH=1``).
 
     Args:
