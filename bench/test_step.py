@@ -26,7 +26,8 @@ torch's default):
   issue quotes ~12 s), so select a nonlinearity (3-4 minutes for TopK):
   ``CLT_BENCH_SHAPE=issue-cpu .venv/bin/python -m pytest bench/test_step.py -k "topk and not
   batchtopk"``. On a shared machine ours suffers most from other load (its many small parallel
-  ops wait on both threads): compare only runs on an idle machine;
+  ops wait on both threads): compare only runs on an idle machine, and two commits with
+  ``bench/step_ab.py`` (alternating processes);
 - ``quick``, the default on CPU: L=6, d=256, F=2048, k=16, N=512 (the file takes about a minute on
   2 threads);
 - ``issue``: ``issue-gpu`` on CUDA, ``issue-cpu`` on CPU.
