@@ -275,49 +275,52 @@ def train(cfg, args, mesh: Mesh, run_dir: Path) -> None:
         raise DataError(f"data: {exc}") from None
     if mesh.tp_size > 1:
         source = ShardedSource(source, mesh)
-    model = build_model(cfg, source.d_in, source.d_out, device, mesh)
-    if resume is None:
-        fit_batch = min(tcfg.batch_tokens, cfg.data.standardize_tokens)
-        fit_batch = max(fit_batch - fit_batch % mesh.tp_size, mesh.tp_size)
-        model.standardizer.fit(
-            iter(lambda: source.next_batch(fit_batch), None), cfg.data.standardize_tokens
-        )
-        mesh.broadcast_(model.standardizer.buffers())  # one set of statistics for every rank
-    heldout = heldout_batches(source, cfg)
-    optimizer = build_optimizer(model, tcfg)
-    scheduler = build_scheduler(optimizer, tcfg)
-    scaler = torch.amp.GradScaler(device.type) if tcfg.mixed_precision == "fp16" else None
-    counter = FiringCounter(model.n_layers, model.n_features, device)
-    state = TrainingState(model, optimizer, scheduler, counter, scaler, source)
-    first_step = 1
-    if resume is not None:  # standardization statistics come from the checkpoint
-        first_step = state.restore(resume, path, cfg.model.n_features, mesh)
-        if any(name.startswith("train.") for name in changes):
-            retune_optimizer(optimizer, scheduler, tcfg)
-    weights = loss_weights(cfg)
-    batches = standardized_batches(model, source,
-                                   tcfg.batch_tokens // tcfg.grad_accum // mesh.dp_size)
-    grad_sync = GradSync(model.parameters(), mesh) if mesh.dp_size > 1 else None
-    log = MetricsLog(run_dir, cfg, write=mesh.is_main)
-    if changes and mesh.is_main:  # the run's config says what it now trains with
-        cfg.logging = cfg.logging.model_copy(
-            update={"run_dir": str(run_dir.parent), "run_name": run_dir.name})
-        save_config(cfg, run_dir / "config.json")
-        log.note(first_step - 1, "resume", {k: list(v) for k, v in changes.items()})
-        print("resume changes " + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changes.items()))
-    n_params = sum(p.numel() for p in model.parameters())
-    if mesh.is_main:
-        print(f"run {run_dir}: L={model.n_layers} d_in={model.d_in} d_out={model.d_out} "
-              f"F={cfg.model.n_features} R={model.reach} {cfg.nonlinearity.kind}, "
-              f"{n_params:,} parameters{' per tensor-parallel rank' if mesh.tp_size > 1 else ''}"
-              f", standardized on {int(model.standardizer.n_tokens)} tokens, from step "
-              f"{first_step}; processes: tensor={mesh.tp_size} x data={mesh.dp_size}")
+    log = None
+    try:  # the producer thread stops on every way out: a failure before the loop included
+        model = build_model(cfg, source.d_in, source.d_out, device, mesh)
+        if resume is None:
+            fit_batch = min(tcfg.batch_tokens, cfg.data.standardize_tokens)
+            fit_batch = max(fit_batch - fit_batch % mesh.tp_size, mesh.tp_size)
+            model.standardizer.fit(
+                iter(lambda: source.next_batch(fit_batch), None), cfg.data.standardize_tokens
+            )
+            mesh.broadcast_(model.standardizer.buffers())  # one set of statistics for every rank
+        heldout = heldout_batches(source, cfg)
+        optimizer = build_optimizer(model, tcfg)
+        scheduler = build_scheduler(optimizer, tcfg)
+        scaler = torch.amp.GradScaler(device.type) if tcfg.mixed_precision == "fp16" else None
+        counter = FiringCounter(model.n_layers, model.n_features, device)
+        state = TrainingState(model, optimizer, scheduler, counter, scaler, source)
+        first_step = 1
+        if resume is not None:  # standardization statistics come from the checkpoint
+            first_step = state.restore(resume, path, cfg.model.n_features, mesh)
+            if any(name.startswith("train.") for name in changes):
+                retune_optimizer(optimizer, scheduler, tcfg)
+        weights = loss_weights(cfg)
+        batches = standardized_batches(model, source,
+                                       tcfg.batch_tokens // tcfg.grad_accum // mesh.dp_size)
+        grad_sync = GradSync(model.parameters(), mesh) if mesh.dp_size > 1 else None
+        log = MetricsLog(run_dir, cfg, write=mesh.is_main)
+        if changes and mesh.is_main:  # the run's config says what it now trains with
+            cfg.logging = cfg.logging.model_copy(
+                update={"run_dir": str(run_dir.parent), "run_name": run_dir.name})
+            save_config(cfg, run_dir / "config.json")
+            log.note(first_step - 1, "resume", {k: list(v) for k, v in changes.items()})
+            print("resume changes "
+                  + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changes.items()))
+        n_params = sum(p.numel() for p in model.parameters())
+        if mesh.is_main:
+            print(f"run {run_dir}: L={model.n_layers} d_in={model.d_in} d_out={model.d_out} "
+                  f"F={cfg.model.n_features} R={model.reach} {cfg.nonlinearity.kind}, "
+                  f"{n_params:,} parameters"
+                  f"{' per tensor-parallel rank' if mesh.tp_size > 1 else ''}, standardized "
+                  f"on {int(model.standardizer.n_tokens)} tokens, from step "
+                  f"{first_step}; processes: tensor={mesh.tp_size} x data={mesh.dp_size}")
 
-    loop = Loop(cfg, mesh, run_dir, model, scheduler, counter, weights, heldout, log,
-                first_step)
-    nonfinite = torch.zeros(len(DIVERGENCE_CHECKS), device=device)  # loss, grad norm, weights
-    eval_metrics: dict[str, float] = {}
-    try:
+        loop = Loop(cfg, mesh, run_dir, model, scheduler, counter, weights, heldout, log,
+                    first_step)
+        nonfinite = torch.zeros(len(DIVERGENCE_CHECKS), device=device)  # loss, grad norm, weights
+        eval_metrics: dict[str, float] = {}
         with profiler(run_dir, tcfg.profile_steps, device, mesh) as prof:
             # rank 0 draws a bar on a terminal only (logs and captured stderr stay readable)
             progress = tqdm(range(first_step, tcfg.steps + 1), unit="step",
@@ -349,7 +352,8 @@ def train(cfg, args, mesh: Mesh, run_dir: Path) -> None:
             except PagesError as exc:
                 print(f"pages skipped: {exc}", file=sys.stderr)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         source.close()
     if eval_metrics and mesh.is_main:
         per_layer = " ".join(f"{eval_metrics[f'eval/fvu/l{i}']:.3f}"

@@ -373,7 +373,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", warn=None,
     (a newer corrupted one is skipped with a ``warn`` line, default stderr).
 
     Raises ``CheckpointError`` (missing folder, config or checkpoint; a checkpoint that does not
-    fit its config), ``ConfigError`` (an invalid ``config.json``) or an ``OSError``; with
+    fit its config), ``ConfigError`` (an invalid ``config.json``), ``ComponentError`` (a
+    component that cannot be imported or built) or an ``OSError``; with
     ``error``, any of them as that exception class, with the same one-line message (what the
     evaluation, export and page commands report).
     """
@@ -386,7 +387,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", warn=None,
         return _load_run(Path(run_dir), device, warn)
     try:
         return _load_run(Path(run_dir), device, warn)
-    except (ConfigError, CheckpointError, OSError) as exc:
+    except (ConfigError, CheckpointError, ComponentError, OSError) as exc:
         raise error(str(exc)) from None
 
 
@@ -403,7 +404,12 @@ def _load_run(run_dir: Path, device: str | torch.device, warn):
     if "config" in state:
         check_compatible(state["config"], cfg, path)
     weights = state["model"]
-    d_in, d_out = weights["W_enc"].shape[1], weights["b_dec"].shape[1]
+    # every SparseEncoder's standardizer holds [L, d_in] and [L, d_out] statistics
+    widths = [weights.get(f"standardizer.{k}_mean") for k in ("in", "out")]
+    if any(w is None or w.dim() != 2 for w in widths):
+        raise CheckpointError(f"checkpoint {path} holds no standardizer statistics: not a "
+                              "model of this trainer")
+    d_in, d_out = (w.shape[1] for w in widths)
     model = build_model(cfg, d_in, d_out, torch.device(device))
     try:
         model.load_state_dict(weights)
