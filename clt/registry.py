@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import traceback
 from typing import Any
 
 
@@ -74,13 +75,25 @@ def load_path(path: str, what: str = "component") -> Any:
         raise ComponentError(f"{what} {path!r}: an import path is 'package.module:Class'")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
         raise ComponentError(f"{what} {path!r}: cannot import {module_name} ({exc}); is its "
                              f"package installed or on PYTHONPATH?") from None
+    except Exception as exc:  # the plug-in's own module fails: say where, in one line
+        raise ComponentError(f"{what} {path!r}: importing {module_name} failed: "
+                             f"{type(exc).__name__}: {exc}{_raised_at(exc)}") from None
     try:
         return getattr(module, attr)
     except AttributeError:
         raise ComponentError(f"{what} {path!r}: {module_name} has no {attr!r}") from None
+
+
+def _raised_at(exc: BaseException) -> str:
+    """`` (file:line)`` of the innermost frame an exception passed through (a SyntaxError's
+    message names its place already)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if isinstance(exc, SyntaxError) or not frames:
+        return ""
+    return f" ({frames[-1].filename}:{frames[-1].lineno})"
 
 
 NONLINEARITIES = Registry("nonlinearity", "clt.nonlinearities:Nonlinearity", {

@@ -235,6 +235,43 @@ def test_bad_config_names_field(base_file: Path, overrides: list[str], field: st
     assert any(line.startswith(f"{field}:") for line in str(info.value).splitlines())
 
 
+PLUGIN_FILES = {  # module -> source of a plug-in package's module, each wrong in one way
+    "plug_raises": "import math\nmath.sqrt(-1)\n",
+    "plug_syntax": "def broken(:\n",
+    "plug_missing_dep": "import not_installed_anywhere\n",
+    "plug_not_a_component": "class TopK:\n    pass\n",
+}
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("topq", "nonlinearity.kind: unknown nonlinearity 'topq': one of ['topk', 'batchtopk', "
+             "'jumprelu', 'relu'] or an import path 'package.module:Class'"),
+    ("plug_raises:TopK", "nonlinearity.kind: nonlinearity 'plug_raises:TopK': importing "
+                         "plug_raises failed: ValueError: math domain error "
+                         "({dir}/plug_raises.py:2)"),
+    ("plug_syntax:TopK", "nonlinearity.kind: nonlinearity 'plug_syntax:TopK': importing "
+                         "plug_syntax failed: SyntaxError: "),
+    ("plug_missing_dep:TopK", "nonlinearity.kind: nonlinearity 'plug_missing_dep:TopK': cannot "
+                              "import plug_missing_dep (No module named "
+                              "'not_installed_anywhere'); "),
+    ("plug_not_a_component:TopK", "nonlinearity.kind: nonlinearity 'plug_not_a_component:TopK' is "
+                                  "not a dataclass subclass of clt.nonlinearities.Nonlinearity"),
+    ("plug_not_a_component:Nope", "nonlinearity.kind: nonlinearity 'plug_not_a_component:Nope': "
+                                  "plug_not_a_component has no 'Nope'"),
+    ("a.b.C", "nonlinearity.kind: unknown nonlinearity 'a.b.C'"),
+])
+def test_a_plugin_that_does_not_load_is_one_line(base_file, tmp_path, monkeypatch, kind, message):
+    """Whatever is wrong with a plug-in's module, the config error is one line that says what and
+    where (a module's own exception: its type, message and the line that raised it)."""
+    for name, source in PLUGIN_FILES.items():
+        (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        load_config(base_file, [f"nonlinearity.kind={kind}"])
+    assert len(str(info.value).splitlines()) == 1, str(info.value)
+    assert str(info.value).startswith(message.format(dir=tmp_path)), str(info.value)
+
+
 def test_error_shows_reason_and_value(base_file: Path):
     with pytest.raises(ConfigError) as info:
         load_config(base_file, ["model.n_features=-3"])
