@@ -54,6 +54,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.nonlinearity, args.steps)
+    if args.pairs < 1 or args.steps < 1:
+        sys.exit(f"error: --pairs and --steps must be >= 1 (got {args.pairs}, {args.steps})")
     trees = {"this": HERE, "other": args.other.resolve()}
     if not (trees["other"] / "bench" / "test_step.py").is_file():
         sys.exit(f"error: {args.other} is not a checkout of this project (no bench/test_step.py)")
