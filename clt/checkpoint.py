@@ -231,13 +231,6 @@ def clean_run_dir(run_dir: Path) -> list[str]:
     return removed
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
-    found = list_checkpoints(run_dir)
-    if not found:
-        raise CheckpointError(f"no checkpoint (step_*.pt or step_*/manifest.json) in {run_dir}")
-    return found[-1]
-
-
 def verify_checkpoint(path: Path) -> bool:
     """Check every file of a checkpoint against its recorded sha256. Raises ``CheckpointError``
     naming the file that differs or is missing; returns False for a checkpoint written before

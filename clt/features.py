@@ -395,18 +395,6 @@ def write_circuit_tracer_features(folder: Path, run: ExportedRun,
         json.dump(index, fh)
 
 
-def read_circuit_tracer_feature(folder: Path, layer: int, feature: int) -> dict[str, Any]:
-    """Read one feature back the way circuit-tracer's viewer does (byte range, length, zlib)."""
-    with gzip.open(folder / "index.json.gz", "rt") as fh:
-        entry = json.load(fh)[layer]
-    start, end = entry["offsets"][feature], entry["offsets"][feature + 1]
-    with open(folder / entry["filename"], "rb") as fh:
-        fh.seek(start)
-        data = fh.read(end - start)
-    (length,) = struct.unpack("<I", data[:4])
-    return json.loads(zlib.decompress(data[4 : 4 + length]))
-
-
 # ---- writing the pages ---------------------------------------------------------------------
 
 

@@ -110,12 +110,6 @@ def total_variance(y: torch.Tensor) -> torch.Tensor:
     return squared_norms(y, y.detach().mean(dim=1, keepdim=True, dtype=acc))
 
 
-def fvu_per_layer(y: torch.Tensor, yhat: torch.Tensor) -> torch.Tensor:
-    """``[L]`` fraction of variance unexplained: ``sum ||y - yhat||^2 / sum ||y - mean(y)||^2``
-    over the batch (a ratio of sums, not a mean of per-dimension ratios)."""
-    return squared_norms(y - yhat) / total_variance(y)
-
-
 def sparsity_ramp(step: int, warmup_steps: int) -> float:
     """Linear ramp of the sparsity coefficient from 0 to 1 over ``warmup_steps`` steps."""
     return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)

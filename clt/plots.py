@@ -5,14 +5,22 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import torch
 
 # Firing frequencies below this are drawn in the "never" bar (log10 of 0 is -inf).
 NEVER = 1e-10
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on training machines).
+    Deferred: it takes ~0.5 s of every command's start (train.py imports this module) and only
+    a drawing needs it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_feature_density(freq: torch.Tensor, path: Path, title: str = "") -> Path:
@@ -21,6 +29,7 @@ def plot_feature_density(freq: torch.Tensor, path: Path, title: str = "") -> Pat
     L = freq.shape[0]
     cols = min(L, 4)
     rows = math.ceil(L / cols)
+    plt = _pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
     for layer, ax in enumerate(axes.flat):
         if layer >= L:
@@ -43,6 +52,7 @@ def plot_layer_metrics(fvu: torch.Tensor, l0: torch.Tensor, path: Path, title: s
     """Bars of FVU and L0 per layer."""
     fvu, l0 = fvu.detach().float().cpu(), l0.detach().float().cpu()
     layers = list(range(len(fvu)))
+    plt = _pyplot()
     fig, (ax_fvu, ax_l0) = plt.subplots(1, 2, figsize=(8, 3))
     ax_fvu.bar(layers, fvu.numpy(), color="tab:red")
     ax_fvu.set(xlabel="layer", ylabel="FVU", title="fraction of variance unexplained")

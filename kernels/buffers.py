@@ -52,8 +52,3 @@ def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> tor
 def clear() -> None:
     """Drop every donated buffer (frees their memory)."""
     _POOL.clear()
-
-
-def pooled() -> int:
-    """Number of buffers held (for tests)."""
-    return sum(len(v) for v in _POOL.values())

@@ -273,3 +273,19 @@ def run_on_path(path: str, monkeypatch) -> None:
     if path != "triton":
         monkeypatch.setenv("CLT_FORCE_TORCH", "1")
     kernels.cpu_fast_paths(path == "cpu")
+
+
+def pooled_buffers() -> int:
+    """Gradient buffers ``kernels.buffers`` holds for donation."""
+    import kernels  # as run_on_path: importing this file must not import triton before conftest
+
+    return sum(len(v) for v in kernels.buffers._POOL.values())
+
+
+def newest_checkpoint(run_dir):
+    """Path of a run folder's newest complete checkpoint."""
+    from clt.checkpoint import list_checkpoints  # pydantic: off the op tests' import path
+
+    found = list_checkpoints(run_dir)
+    assert found, f"no checkpoint in {run_dir}"
+    return found[-1]

@@ -6,7 +6,6 @@ import torch
 from clt.losses import (
     LossWeights,
     compute_losses,
-    fvu_per_layer,
     layer_squared_error,
     preact_loss,
     reconstruction_loss,
@@ -24,6 +23,11 @@ def test_reconstruction_loss_sums_dims_and_layers_averages_tokens():
     y, yhat = torch.randn(L, N, D, dtype=torch.float64), torch.randn(L, N, D, dtype=torch.float64)
     expected = sum(((y[l, n] - yhat[l, n]) ** 2).sum() for l in range(L) for n in range(N)) / N
     torch.testing.assert_close(reconstruction_loss(y, yhat), expected)
+
+
+def fvu_per_layer(y: torch.Tensor, yhat: torch.Tensor) -> torch.Tensor:
+    """The FVU ``compute_losses`` reports, from the same two helpers."""
+    return squared_norms(y - yhat) / total_variance(y)
 
 
 def test_fvu_is_a_ratio_of_sums_not_a_mean_of_ratios():

@@ -6,9 +6,13 @@ definitions, the graph JSON against pydantic models mirroring circuit-tracer's f
 brute-force float64 scan of the same held-out tokens, and the pages through their DOM.
 """
 
+import gzip
 import json
 import math
+import struct
+import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +25,6 @@ from clt import features as feat
 from clt.config import EvalConfig
 from clt.data.lm import lm_activations
 from clt.features import main as features_main
-from clt.features import read_circuit_tracer_feature
 from clt.graph import build_graph, cantor, prune
 from clt.graph import main as graph_main
 from clt.pages import write_run_pages
@@ -438,6 +441,19 @@ def test_histograms_that_grow_by_doubling_equal_direct_binning():
         assert hi / 2 <= float(v.max()) < hi and math.log2(hi).is_integer()
         direct = torch.bincount((v / hi * bins).long(), minlength=bins)
         assert scan.hist[j].tolist() == direct.tolist()
+
+
+def read_circuit_tracer_feature(folder: Path, layer: int, feature: int) -> dict[str, Any]:
+    """One feature read back the way circuit-tracer's viewer does (byte range, length, zlib),
+    independently of the writer in clt/features.py."""
+    with gzip.open(folder / "index.json.gz", "rt") as fh:
+        entry = json.load(fh)[layer]
+    start, end = entry["offsets"][feature], entry["offsets"][feature + 1]
+    with open(folder / entry["filename"], "rb") as fh:
+        fh.seek(start)
+        data = fh.read(end - start)
+    (length,) = struct.unpack("<I", data[:4])
+    return json.loads(zlib.decompress(data[4 : 4 + length]))
 
 
 def test_circuit_tracer_feature_files(run, outputs):

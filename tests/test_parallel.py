@@ -17,10 +17,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _testing import assert_close
+from _testing import assert_close, newest_checkpoint
 
 import kernels
-from clt.checkpoint import latest_checkpoint, load_checkpoint, save_sharded_checkpoint
+from clt.checkpoint import load_checkpoint, save_sharded_checkpoint
 from clt.losses import LossWeights, compute_losses
 from clt.model import CrossLayerTranscoder
 from clt.molt import MixtureOfLinearTransforms
@@ -262,7 +262,7 @@ def _save_job(mesh: Mesh, folder: Path) -> dict:
 
 
 def _load_job(mesh: Mesh, folder: Path) -> dict:
-    state = load_checkpoint(latest_checkpoint(folder / "run"))
+    state = load_checkpoint(newest_checkpoint(folder / "run"))
     model = parallelize(CrossLayerTranscoder(**model_kwargs(CKPT_CASE)), mesh)
     model.load_state_dict(shard_model_state(state["model"], mesh.tp_rank, 2, layout(CKPT_CASE)))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -313,7 +313,7 @@ JOBS = {"tp": _tp_job, "dp": _dp_job, "save": _save_job, "load": _load_job, "mes
 def test_sharded_checkpoint_loads_on_one_process_and_back(tmp_path):
     (tmp_path / "run").mkdir()
     spawn("save", tmp_path, tp=2)
-    path = latest_checkpoint(tmp_path / "run")
+    path = newest_checkpoint(tmp_path / "run")
     assert path.name == "step_00000004" and (path / "manifest.json").is_file()
     state = load_checkpoint(path)
     ref = full_model(CKPT_CASE, seed=1)

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _testing import SYNTHETIC, write_run_config
+from _testing import SYNTHETIC, newest_checkpoint, write_run_config
 
-from clt.checkpoint import latest_checkpoint
 from clt.export import export_run, load_exported
 from clt.trainer import load_run
 
@@ -39,7 +38,7 @@ def test_tensor_parallel_run_resumes_on_one_process_and_exports(tmp_path, monkey
     done = torchrun("train.py", str(config))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tensor=2 x data=1" in done.stdout
-    path = latest_checkpoint(run_dir)
+    path = newest_checkpoint(run_dir)
     assert path.name == "step_00000008" and (path / "tp1.pt").is_file()
     assert steps_logged(run_dir) == [2, 4, 6, 8]
     cfg, model, step = load_run(run_dir)  # merged into one single-device model
@@ -54,7 +53,7 @@ def test_tensor_parallel_run_resumes_on_one_process_and_exports(tmp_path, monkey
 
     train.main(["--resume", str(run_dir), "--set", "parallel.tensor=1", "--set",
                 "train.steps=10"])
-    assert latest_checkpoint(run_dir).name == "step_00000010.pt"
+    assert newest_checkpoint(run_dir).name == "step_00000010.pt"
     assert steps_logged(run_dir)[-1] == 10
 
 
@@ -64,7 +63,7 @@ def test_data_parallel_lm_run_shards_the_token_stream(tmp_path):
                                        eval={"every": 4, "tokens": 64, "replacement_tokens": 0})
     done = torchrun("train.py", str(config))
     assert done.returncode == 0, done.stderr[-3000:]
-    path = latest_checkpoint(run_dir)
+    path = newest_checkpoint(run_dir)
     ranks = [torch.load(path / f"rank{g}.pt", weights_only=False) for g in range(2)]
     streams = [r["data"]["tokens"] for r in ranks]
     assert [s["shard"] for s in streams] == [[0, 2], [1, 2]]
@@ -93,7 +92,7 @@ def test_tensor_parallel_resume_on_the_same_layout_is_exact(tmp_path):
         done = torchrun(*args)
         assert done.returncode == 0, done.stderr[-3000:]
     assert "from step 5" in done.stdout
-    a, b = (torch.load(latest_checkpoint(d) / "tp1.pt", weights_only=False)
+    a, b = (torch.load(newest_checkpoint(d) / "tp1.pt", weights_only=False)
             for d in (whole_dir, part_dir))
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key

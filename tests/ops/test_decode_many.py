@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from _testing import assert_close, decode_cpu, ref_decode
+from _testing import assert_close, decode_cpu, pooled_buffers, ref_decode
 
 import kernels.cpu.decode as cpu_decode
 import kernels.decode as decode_mod
@@ -172,10 +172,10 @@ def test_donated_buffer_becomes_the_gradient(force_torch, monkeypatch):
     ptr = donated.data_ptr()
     buffers.donate(donated)
     del donated  # the donor's contract: no other reference (autograd would copy, not adopt it)
-    assert buffers.pooled() == 1
+    assert pooled_buffers() == 1
     outs = sparse_decode_many([(main[0], main[1], b_dec), (aux[0], aux[1], None)], W, layout)
     (outs[0].square().sum() + outs[1].sum()).backward()
-    assert buffers.pooled() == 0
+    assert pooled_buffers() == 0
     assert W.grad.data_ptr() == ptr
     ref_W = leaf(W_dec)
     refs = reference(layout)([(main[0], main[1], b_dec), (aux[0], aux[1], None)], ref_W, layout)
@@ -188,10 +188,10 @@ def test_pool_keeps_only_whole_plain_tensors():
     buffers.donate(t[:2])  # a view: other tensors still read the storage
     buffers.donate(t.t())  # not contiguous
     buffers.donate(torch.zeros(3, requires_grad=True))
-    assert buffers.pooled() == 0
+    assert pooled_buffers() == 0
     buffers.donate(t)
     buffers.donate(t)  # the same memory twice is kept once
-    assert buffers.pooled() == 1
+    assert pooled_buffers() == 1
     assert buffers.empty((4, 6), t.dtype, t.device).data_ptr() == t.data_ptr()
     assert buffers.empty((4, 6), t.dtype, t.device).data_ptr() != t.data_ptr()  # pool empty
 
