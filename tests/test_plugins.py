@@ -1,12 +1,17 @@
 """The worked plug-in package in ``examples/plugins`` (a nonlinearity, an activation source and a
 loss term named by import path) trains through ``train.py``, resumes exactly, evaluates, and
 trains under torchrun with tensor parallelism to the single process's weights; its architecture
-(tied weights) trains, resumes and evaluates the same way in one process."""
+(tied weights) trains, resumes and evaluates the same way in one process.
+
+``train.main`` and ``clt.evaluate.main`` run in this process (a subprocess would spend ~2 s
+importing torch each time); torchrun and the check that the project never imports the plug-ins
+need processes of their own."""
 
 from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import train
+from clt.evaluate import main as evaluate_main
 from clt.losses import LossWeights, compute_losses
 from clt.trainer import load_run
 
@@ -30,12 +37,25 @@ def run(*args: str, torchrun: bool = False) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+def make_data(*args: str) -> None:
+    """``examples/plugins/make_data.py ARGS`` (it imports nothing of the plug-in package)."""
+    runpy.run_path(str(PLUGINS / "make_data.py"))["main"](list(args))
+
+
+def here(main, *args: str, capsys) -> str:
+    """Run a command's ``main`` in this process; its stdout. A failure exits with its line."""
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        pytest.fail(f"{main.__module__} exited {exc.code}: {capsys.readouterr().err[-3000:]}")
+    return capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def example(tmp_path_factory) -> tuple[Path, Path]:
     """(config, runs folder): the example config on freshly written .npy activations."""
     tmp = tmp_path_factory.mktemp("plugins")
-    made = run(str(PLUGINS / "make_data.py"), str(tmp / "data"), "--tokens", "2048")
-    assert made.returncode == 0, made.stderr
+    make_data(str(tmp / "data"), "--tokens", "2048")
     cfg = json.loads((PLUGINS / "config.json").read_text())
     cfg["data"]["args"] = {"folder": str(tmp / "data"), "heldout_tokens": 256}
     cfg["data"]["standardize_tokens"] = 512
@@ -52,8 +72,9 @@ def example(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(autouse=True)
 def plugins_importable(monkeypatch):
-    """This process loads the runs too: the plug-in package must be importable here as well."""
+    """The plug-in package importable here, and the ops on their torch paths, as in ``run``."""
     monkeypatch.syspath_prepend(str(PLUGINS))
+    monkeypatch.setenv("CLT_FORCE_TORCH", "1")
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -62,23 +83,20 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def assert_resume_is_exact(config: Path, runs: Path, whole: str, *sets: str) -> None:
+def assert_resume_is_exact(config: Path, runs: Path, whole: str, *sets: str, capsys) -> None:
     """4 steps, then ``--resume`` to 8: the weights of the 8-step run ``whole``, bit for bit."""
-    part = run("train.py", str(config), "--set", f"logging.run_name={whole}-part",
-               "--set", "train.steps=4", *sets)
-    assert part.returncode == 0, part.stderr[-3000:]
-    resumed = run("train.py", "--resume", str(runs / f"{whole}-part"), "--set", "train.steps=8")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "from step 5" in resumed.stdout
+    here(train.main, str(config), "--set", f"logging.run_name={whole}-part",
+         "--set", "train.steps=4", *sets, capsys=capsys)
+    resumed = here(train.main, "--resume", str(runs / f"{whole}-part"), "--set",
+                   "train.steps=8", capsys=capsys)
+    assert "from step 5" in resumed
     a, b = final_weights(runs / whole), final_weights(runs / f"{whole}-part")
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
-def evaluate(run_dir: Path) -> str:
-    done = run("-m", "clt.evaluate", str(run_dir), "--tokens", "256")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+def evaluate(run_dir: Path, capsys) -> str:
+    return here(evaluate_main, str(run_dir), "--tokens", "256", capsys=capsys)
 
 
 def test_the_project_does_not_import_the_plugins():
@@ -89,11 +107,10 @@ def test_the_project_does_not_import_the_plugins():
     assert done.stdout.strip() == "False", done.stderr
 
 
-def test_plugins_train_resume_and_evaluate(example):
+def test_plugins_train_resume_and_evaluate(example, capsys):
     config, runs = example
-    whole = run("train.py", str(config), "--set", "logging.run_name=whole")
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    assert "my_plugins.nonlinearity:FlooredTopK" in whole.stdout
+    whole = here(train.main, str(config), "--set", "logging.run_name=whole", capsys=capsys)
+    assert "my_plugins.nonlinearity:FlooredTopK" in whole
     saved = json.loads((runs / "whole" / "config.json").read_text())
     assert saved["nonlinearity"] == {"kind": "my_plugins.nonlinearity:FlooredTopK", "k": 4,
                                      "rank_by_decoder_norm": False, "floor": 0.05}
@@ -102,8 +119,8 @@ def test_plugins_train_resume_and_evaluate(example):
     assert all("loss/WeightedL1" in m for m in metrics if "loss" in m)
     assert any("loss/auxk" in m for m in metrics if "loss" in m)
 
-    assert_resume_is_exact(config, runs, "whole")
-    evaluated = evaluate(runs / "whole")
+    assert_resume_is_exact(config, runs, "whole", capsys=capsys)
+    evaluated = evaluate(runs / "whole", capsys)
     assert "FVU total (exported JumpReLU)" in evaluated
     assert "skipped: replacement metrics" in evaluated
 
@@ -112,10 +129,9 @@ TIED = ("--set", "model.architecture=my_plugins.architecture:TiedTranscoder",
         "--set", "model.init_norm=0.5")
 
 
-def test_plugin_architecture_trains_resumes_and_evaluates(example):
+def test_plugin_architecture_trains_resumes_and_evaluates(example, capsys):
     config, runs = example
-    whole = run("train.py", str(config), "--set", "logging.run_name=tied", *TIED)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    here(train.main, str(config), "--set", "logging.run_name=tied", *TIED, capsys=capsys)
     saved = json.loads((runs / "tied" / "config.json").read_text())
     assert saved["model"] == {"n_features": 64, "layers": None, "init_norm": 0.5,
                               "architecture": "my_plugins.architecture:TiedTranscoder"}
@@ -132,46 +148,51 @@ def test_plugin_architecture_trains_resumes_and_evaluates(example):
     out.total.backward()
     assert out.terms["auxk"] > 0 and model.W_enc.grad[:, :, :8].abs().sum() > 0
 
-    assert_resume_is_exact(config, runs, "tied", *TIED)
-    evaluated = evaluate(runs / "tied")
+    assert_resume_is_exact(config, runs, "tied", *TIED, capsys=capsys)
+    evaluated = evaluate(runs / "tied", capsys)
     assert "FVU total" in evaluated and "exported" not in evaluated  # no decoder rows to export
 
 
-def test_help_lists_the_plugin_fields_a_command_line_names(example):
+def test_help_lists_the_plugin_fields_a_command_line_names(example, capsys):
     config, _ = example
-    done = run("train.py", str(config), "--help", *TIED)
-    assert done.returncode == 0, done.stderr
+    with pytest.raises(SystemExit) as exit_:
+        train.main([str(config), "--help", *TIED])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
     for field in ("nonlinearity.floor", "data.args.folder", "loss.extra[i].coef",
                   "model.init_norm"):
-        assert field in done.stdout, field
+        assert field in out, field
 
 
-def test_plugin_architecture_refusals_are_one_line(example, tmp_path):
-    config, runs = example
-    made = run(str(PLUGINS / "make_data.py"), str(tmp_path / "wide"), "--tokens", "1024",
-               "--d-out", "24")
-    assert made.returncode == 0, made.stderr
+def refusal(*args: str, capsys) -> str:
+    """The one stderr line of a ``train.py`` run that exits 2."""
+    with pytest.raises(SystemExit) as exit_:
+        train.main(list(args))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    return err.strip()
+
+
+def test_plugin_architecture_refusals_are_one_line(example, tmp_path, capsys):
+    config, _ = example
+    make_data(str(tmp_path / "wide"), "--tokens", "1024", "--d-out", "24")
     cfg = json.loads(config.read_text())
     cfg["data"]["args"]["folder"] = str(tmp_path / "wide")
     wide = tmp_path / "wide.json"
     wide.write_text(json.dumps(cfg))
-    done = run("train.py", str(wide), "--set", "logging.run_name=tied-wide", *TIED)
-    assert done.returncode == 2
-    assert done.stderr.strip() == (
+    assert refusal(str(wide), "--set", "logging.run_name=tied-wide", *TIED, capsys=capsys) == (
         "error: model.architecture my_plugins.architecture:TiedTranscoder: tied weights need "
-        "equal input and output widths (got d_in=16, d_out=24)"), done.stderr
-    done = run("train.py", str(config), "--set", "parallel.tensor=2", *TIED)
-    assert done.returncode == 2
-    assert done.stderr.strip() == (
+        "equal input and output widths (got d_in=16, d_out=24)")
+    assert refusal(str(config), "--set", "parallel.tensor=2", *TIED, capsys=capsys) == (
         "config error: parallel: a my_plugins.architecture:TiedTranscoder model trains in one "
-        "process (tensor and data must be 1)"), done.stderr
+        "process (tensor and data must be 1)")
 
 
-def test_plugins_under_tensor_parallelism_match_one_process(example):
+def test_plugins_under_tensor_parallelism_match_one_process(example, capsys):
     config, runs = example
     single = runs / "whole"
     if not single.exists():  # under xdist the training test may run in another worker
-        assert run("train.py", str(config), "--set", "logging.run_name=whole").returncode == 0
+        here(train.main, str(config), "--set", "logging.run_name=whole", capsys=capsys)
     done = run("train.py", str(config), "--set", "logging.run_name=tp2",
                "--set", "parallel.tensor=2", torchrun=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -191,11 +212,5 @@ def test_plugins_under_tensor_parallelism_match_one_process(example):
      "no 'Nope'"),
 ])
 def test_bad_plugin_arguments_are_one_config_line(example, override, line, capsys):
-    import train
-
     config, _ = example
-    with pytest.raises(SystemExit) as exit_:
-        train.main([str(config), "--set", override])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2
-    assert err.startswith(line) and len(err.splitlines()) == 1, err
+    assert refusal(str(config), "--set", override, capsys=capsys).startswith(line)
