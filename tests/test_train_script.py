@@ -12,6 +12,7 @@ from _testing import write_run_config
 
 import clt.checkpoint
 import clt.trainer
+import kernels
 import train
 from clt.config import load_config
 
@@ -199,15 +200,19 @@ def test_lm_run_writes_its_pages_when_asked(tmp_path):
     assert (pages / "graph" / "index.html").is_file()
 
 
-@pytest.mark.parametrize("env, want", [({}, "False True"), ({"CLT_CPU_FAST": "0"}, "False False")])
-def test_cpu_fast_paths_are_opt_in(env, want):
-    """A bare ``import kernels`` runs each op's torch specification; ``train.main`` opts in to
-    the CPU paths (here: until its config fails to load), unless ``CLT_CPU_FAST=0``."""
-    code = ("import kernels, train; a = kernels.cpu_fast_paths.enabled()\n"
-            "try:\n    train.main(['configs/topk-clt.json', '--set', 'train.steps=0'])\n"
-            "except SystemExit:\n    pass\n"
-            "print(a, kernels.cpu_fast_paths.enabled())")
-    env = {k: v for k, v in os.environ.items() if k != "CLT_CPU_FAST"} | env
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.stdout.strip().splitlines()[-1] == want, done.stderr[-2000:]
+def test_cpu_fast_paths_are_opt_in(monkeypatch):
+    """A bare ``import kernels`` runs each op's torch specification (a fresh process: this one
+    opted in, tests/conftest.py); ``train.main`` opts in to the CPU paths (here: before its config
+    fails to load), unless ``CLT_CPU_FAST=0``."""
+    env = {k: v for k, v in os.environ.items() if k != "CLT_CPU_FAST"}
+    done = subprocess.run([sys.executable, "-c", "import kernels; "
+                           "print(kernels.cpu_fast_paths.enabled())"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
+    for env_value, want in ((None, True), ("0", False)):
+        if env_value is not None:
+            monkeypatch.setenv("CLT_CPU_FAST", env_value)
+        with kernels.cpu_fast_paths(False):  # restored afterwards
+            with pytest.raises(SystemExit):
+                train.main(["configs/topk-clt.json", "--set", "train.steps=0"])
+            assert kernels.cpu_fast_paths.enabled() is want
