@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+import kernels
+
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 DTYPE_ID = {F64: "fp64", F32: "fp32", BF16: "bf16"}
 
@@ -268,8 +270,6 @@ def run_on_path(path: str, monkeypatch) -> None:
     """Select ``"torch"`` (the specification), ``"cpu"`` (the CPU fast path) or ``"triton"``
     (the kernels, through the interpreter on CPU) for the rest of a test (tests/ops/conftest.py
     turns the fast paths back on after it)."""
-    import kernels
-
     if path != "triton":
         monkeypatch.setenv("CLT_FORCE_TORCH", "1")
     kernels.cpu_fast_paths(path == "cpu")
@@ -277,8 +277,6 @@ def run_on_path(path: str, monkeypatch) -> None:
 
 def pooled_buffers() -> int:
     """Gradient buffers ``kernels.buffers`` holds for donation."""
-    import kernels  # as run_on_path: importing this file must not import triton before conftest
-
     return sum(len(v) for v in kernels.buffers._POOL.values())
 
 

@@ -209,6 +209,7 @@ def test_cpu_fast_paths_are_opt_in(monkeypatch):
                            "print(kernels.cpu_fast_paths.enabled())"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr[-2000:]
+    monkeypatch.delenv("CLT_CPU_FAST", raising=False)
     for env_value, want in ((None, True), ("0", False)):
         if env_value is not None:
             monkeypatch.setenv("CLT_CPU_FAST", env_value)
